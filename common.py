@@ -1,0 +1,218 @@
+"""Shared plumbing for the scripts: user-facing errors, atomic writes, self-describing checkpoints.
+
+Every file this project writes goes to a temporary file in the same folder first and is moved into
+place with ``os.replace``, so a crash or a kill at any moment leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+CHECKPOINT_FORMAT = "guidedemotion"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KINDS = ("diffusion", "classifier", "oracle", "train_state")
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``; a ``UserError`` becomes ``error: <message>`` on stderr and exit 2."""
+    try:
+        rc = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc or 0)
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
+
+
+def ensure_writable_dir(path: str, what: str = "output folder") -> str:
+    """Create ``path`` if needed and prove we can write there (before any long work starts)."""
+    path = path or "."
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test_")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} '{path}' ({e.strerror or e}); "
+                        f"choose a writable folder") from None
+    return path
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write via ``write(fileobj)`` to a temp file beside ``path``, fsync, then ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_save_image(img, path: str) -> None:
+    """Save a PIL image atomically; the format comes from the file extension."""
+    fmt = os.path.splitext(path)[1].lstrip(".").upper() or "PNG"
+    fmt = {"JPG": "JPEG"}.get(fmt, fmt)
+    _atomic_write(path, lambda f: img.save(f, format=fmt))
+
+
+def atomic_save_npy(path: str, array) -> None:
+    """Save a numpy array as ``.npy`` atomically (readable later with ``np.load(mmap_mode=...)``)."""
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a log (a torn last line at a crash is the only possible loss)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and builtins, so ``torch.load(weights_only=True)`` reads them.
+
+def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
+    assert kind in CHECKPOINT_KINDS, kind
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "kind": kind,
+        "config": asdict(config),
+        "model": model_state,
+        **fields,
+    }
+
+
+def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint") -> dict:
+    """Load one of our checkpoints safely (``weights_only=True``) and check what it is.
+
+    A pickle that would run code, a truncated file, another project's file or the wrong kind of
+    checkpoint raises ``UserError`` with the path and the fix; nothing in the file is executed.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} '{path}' not found; train one with train.py or pass the right path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        if found:        # a pickle that names code to run: refused, nothing executed
+            raise UserError(f"{flag} '{path}' was refused by the safe loader (weights_only=True): "
+                            f"{found[0][:160]} — it may run code on load; use only checkpoints written by "
+                            f"this project's train.py") from None
+        raise UserError(f"{flag} '{path}' is corrupt or not a checkpoint (unreadable pickle); "
+                        f"re-save it or use an earlier checkpoint") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} '{path}' is corrupt or truncated ({msg[:160]}); "
+                        f"re-save it or use an earlier checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{flag} '{path}' is not a GuidedEmotion checkpoint; "
+                        f"pass a file written by this project's train.py")
+    version = ckpt.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise UserError(f"{flag} '{path}' has checkpoint format version {version}, this code reads "
+                        f"version {CHECKPOINT_VERSION}; retrain, or use the release that wrote it")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise UserError(f"{flag} '{path}' is a {ckpt.get('kind')} checkpoint, expected a {kind} "
+                        f"checkpoint; check which file you passed to {flag}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: argparse errors as one line, exit 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: ...; see --help``), exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: [-1, 1] tensors to uint8 pictures, grids and difference heat maps
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) float in [-1, 1] -> (B,H,W,3) uint8."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def heatmap(diff: np.ndarray) -> np.ndarray:
+    """(H,W) values in [0, 1] -> (H,W,3) uint8, black -> red -> yellow -> white."""
+    d = np.clip(diff, 0, 1)[..., None]
+    rgb = np.concatenate([np.clip(3 * d, 0, 1), np.clip(3 * d - 1, 0, 1), np.clip(3 * d - 2, 0, 1)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def grid_image(tiles: np.ndarray, nrow: int, pad: int = 2, min_tile: int = 64) -> Image.Image:
+    """Tile (N,H,W,3) uint8 images ``nrow`` to a row, with white padding; small tiles are enlarged
+    (nearest neighbour, integer factor) to at least ``min_tile`` pixels so a 32x32 sample is visible."""
+    n, h, w, _ = tiles.shape
+    k = max(1, -(-min_tile // h))
+    ncol_rows = -(-n // nrow)
+    H, W = h * k, w * k
+    canvas = np.full((ncol_rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        tile = tiles[i].repeat(k, 0).repeat(k, 1)
+        canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = tile
+    return Image.fromarray(canvas)
+
+
+def save_grid(x: torch.Tensor, path: str, nrow: int) -> None:
+    """Save a (B,3,H,W) batch in [-1, 1] as one grid PNG, atomically."""
+    atomic_save_image(grid_image(to_uint8(x), nrow), path)

@@ -1,0 +1,397 @@
+"""The denoising network (a UNet) and the Gaussian diffusion that trains and samples with it.
+
+Papers, cited on the lines that implement them:
+  DDPM  Ho, Jain & Abbeel 2020, https://arxiv.org/abs/2006.11239
+  DDIM  Song, Meng & Ermon 2021, https://arxiv.org/abs/2010.02502
+  Guidance  Dhariwal & Nichol 2021, https://arxiv.org/abs/2105.05233 (Sec. 4, Alg. 1 and 2)
+
+Timestep convention, used everywhere in this project: t is an integer in [0, T-1]; t = 0 is the first
+noising step (the paper's t = 1), so alphas_cumprod[t] = prod_{s <= t} (1 - betas[s]) and x_0 is the
+clean image. A "previous" step t_prev = -1 means the clean image, with alphas_cumprod[-1] := 1.
+
+``GaussianDiffusion`` holds the noise schedule and the maths only. The network is an argument of every
+method that needs it, and guidance arrives as ``cond_fn(x_t, t) -> s * grad_x log p(y | x_t, t)``;
+this module knows nothing about classifiers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Network
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 64               # square images, side divisible by 2**(len(channel_mult) - 1)
+    in_channels: int = 3
+    base_channels: int = 128           # width of the first level
+    channel_mult: tuple = (1, 2, 2, 2)  # width of level i = base_channels * channel_mult[i]
+    num_res_blocks: int = 2            # residual blocks per level (the decoder has one more)
+    attn_resolutions: tuple = (16,)    # feature-map sides that get self-attention
+    dropout: float = 0.1
+    num_heads: int = 4
+    groups: int = 32                   # GroupNorm groups (capped by the channel count)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def check(self) -> Optional[str]:
+        """Return a problem description (for the user) or None."""
+        f = self.downsample_factor
+        if self.image_size < 2 * f or self.image_size % f:
+            return (f"image size {self.image_size} must be a multiple of {f} and at least {2 * f} for a UNet "
+                    f"with {len(self.channel_mult)} levels; use e.g. {max(2 * f, f * round(self.image_size / f))}")
+        if self.base_channels <= 0 or self.num_res_blocks <= 0:
+            return "base_channels and num_res_blocks must be > 0"
+        if not 0.0 <= self.dropout < 1.0:
+            return f"dropout must be in [0, 1), got {self.dropout}"
+        return None
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (DDPM Sec. 3.3 / Transformer positions). (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]                       # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)   # (B, 2*half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, plus a skip. (B,Ci,H,W) -> (B,Co,H,W)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch)
+        self.norm2 = group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)   # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]          # (B, Co) -> (B, Co, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map. (B,C,H,W) -> (B,C,H,W)."""
+
+    def __init__(self, ch: int, num_heads: int = 4, groups: int = 32):
+        super().__init__()
+        self.num_heads = math.gcd(num_heads, ch)
+        self.norm = group_norm(ch, groups)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                   # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)                # (B, heads, HW, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):                                          # (B,C,H,W) -> (B,C,H/2,W/2)
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):                                          # (B,C,H,W) -> (B,C,2H,2W)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): predicts the noise in x_t. (B,3,S,S), (B,) int -> (B,3,S,S)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        problem = cfg.check()
+        if problem:
+            raise ValueError(problem)
+        self.cfg = cfg
+        ch, g = cfg.base_channels, cfg.groups
+        temb_dim = 4 * ch
+        self.temb_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        # encoder: remember the width of every activation that is handed to the decoder as a skip
+        self.down = nn.ModuleList()
+        skip_chs, cur, res = [ch], ch, cfg.image_size
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                out = ch * mult
+                self.down.append(self._block(cur, out, temb_dim, res))
+                cur = out
+                skip_chs.append(cur)
+            if level != len(cfg.channel_mult) - 1:
+                self.down.append(Downsample(cur))
+                res //= 2
+                skip_chs.append(cur)
+
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_dim, cfg.dropout, g), AttnBlock(cur, cfg.num_heads, g),
+                                  ResBlock(cur, cur, temb_dim, cfg.dropout, g)])
+
+        # decoder: one more block per level than the encoder, each eating one skip
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                out = ch * mult
+                self.up.append(self._block(cur + skip_chs.pop(), out, temb_dim, res))
+                cur = out
+            if level != 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+        assert not skip_chs
+
+        self.norm_out = group_norm(cur, g)
+        self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _block(self, in_ch, out_ch, temb_dim, res):
+        cfg = self.cfg
+        layers = [ResBlock(in_ch, out_ch, temb_dim, cfg.dropout, cfg.groups)]
+        if res in cfg.attn_resolutions:
+            layers.append(AttnBlock(out_ch, cfg.num_heads, cfg.groups))
+        return nn.ModuleList(layers)
+
+    @staticmethod
+    def _run(block, h, temb):
+        if isinstance(block, (Downsample, Upsample)):
+            return block(h)
+        for layer in block:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))   # (B,) -> (B, 4*ch)
+        h = self.conv_in(x)                                                   # (B,3,S,S) -> (B,ch,S,S)
+        hs = [h]
+        for block in self.down:
+            h = self._run(block, h, temb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        for block in self.up:
+            if not isinstance(block, Upsample):
+                h = torch.cat([h, hs.pop()], dim=1)                          # (B,C,H,W) -> (B,C+Cskip,H,W)
+            h = self._run(block, h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))                       # (B,ch,S,S) -> (B,3,S,S)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion
+
+CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4          # DDPM Sec. 4: linear schedule from 1e-4 to 0.02 over T = 1000
+    beta_end: float = 0.02
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
+    """Per-sample coefficients a[t] (a float64 table), broadcastable to ``shape``: (B,) -> (B, 1, 1, 1).
+
+    The gather and the coefficient arithmetic stay in float64 (float32 on MPS, which has no float64);
+    callers cast the final coefficient to the image dtype.
+    """
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    out = a.to(device=t.device, dtype=dtype)[t]
+    return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+class GaussianDiffusion:
+    """Linear-beta Gaussian diffusion: forward noising, the eps-MSE loss, and DDPM / DDIM samplers."""
+
+    def __init__(self, cfg: DiffusionConfig = DiffusionConfig()):
+        self.cfg = cfg
+        T = self.num_timesteps = cfg.timesteps
+        betas = np.linspace(cfg.beta_start, cfg.beta_end, T, dtype=np.float64)     # tables in float64
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        f64 = lambda a: torch.tensor(a, dtype=torch.float64)
+        self.betas = f64(betas)
+        self.alphas_cumprod = f64(alphas_cumprod)
+        # index t+1 of this table is alphas_cumprod[t]; index 0 is the clean image (alphas_cumprod[-1] := 1)
+        self._ac_with_one = f64(np.append(1.0, alphas_cumprod))
+        self.sqrt_alphas_cumprod = f64(np.sqrt(alphas_cumprod))
+        self.sqrt_one_minus_alphas_cumprod = f64(np.sqrt(1.0 - alphas_cumprod))
+        # q(x_{t-1} | x_t, x_0) = N(mean, posterior_variance)                     DDPM Eq. 6-7
+        self.posterior_variance = f64(betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        self.posterior_mean_coef1 = f64(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        self.posterior_mean_coef2 = f64((1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
+
+    def alpha_bar(self, t: torch.Tensor, shape) -> torch.Tensor:
+        """alphas_cumprod[t] for t in [-1, T-1], broadcastable to shape."""
+        return extract(self._ac_with_one, t + 1, shape)
+
+    # -- forward process ----------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.                                 DDPM Eq. 4"""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype) * noise)
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean and variance of q(x_{t-1} | x_t, x_0).                                   DDPM Eq. 6-7"""
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape).to(x_t.dtype) * x0
+                + extract(self.posterior_mean_coef2, t, x_t.shape).to(x_t.dtype) * x_t)
+        return mean, extract(self.posterior_variance, t, x_t.shape).to(x_t.dtype)
+
+    def training_loss(self, model: nn.Module, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
+                      noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L_simple = E ||eps - eps_theta(x_t, t)||^2 with t uniform.                     DDPM Alg. 1, Eq. 14"""
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        eps = model(self.q_sample(x0, t, noise), t)
+        return F.mse_loss(eps.float(), noise)
+
+    # -- reverse process ----------------------------------------------------------------------
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).                    DDPM Eq. 4 solved for x_0"""
+        abar = self.alpha_bar(t, x_t.shape)
+        return (x_t - (1 - abar).sqrt().to(x_t.dtype) * eps) * (1 / abar.sqrt()).to(x_t.dtype)
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        abar = self.alpha_bar(t, x_t.shape)
+        return (x_t - abar.sqrt().to(x_t.dtype) * x0) * (1 / (1 - abar).sqrt()).to(x_t.dtype)
+
+    def guided_eps_x0(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                      cond_fn: Optional[CondFn] = None, clip: bool = True):
+        """The network's eps, shifted by the classifier's score, and the x_0 it implies.
+
+        eps_hat = eps_theta(x_t, t) - sqrt(1 - abar_t) * s * grad log p(y | x_t, t)
+                                        (Dhariwal & Nichol 2021, Sec. 4.2 / Alg. 2; cond_fn returns s * grad)
+        Used by both samplers, so a guidance scale means the same for DDPM and DDIM.
+        """
+        with torch.no_grad():
+            eps = model(x_t, t).float()
+        if cond_fn is not None:
+            eps = eps - (1 - self.alpha_bar(t, x_t.shape)).sqrt().float() * cond_fn(x_t, t).float()
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = self.predict_eps(x_t, t, x0)       # keep eps consistent with the clipped x_0
+        return eps, x0
+
+    def p_sample(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                 cond_fn: Optional[CondFn] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One ancestral step x_t -> x_{t_prev} ~ q(x_{t_prev} | x_t, x0_hat).           DDPM Alg. 2
+
+        Variance: the posterior variance beta_tilde (DDPM Sec. 3.2, sigma^2 = beta_tilde). With
+        t_prev = t - 1 this is exactly DDPM Eq. 6-7; with a skipped schedule it is the same posterior
+        for beta' = 1 - abar_t / abar_{t_prev} (Nichol & Dhariwal 2021, Sec. 4).
+        """
+        _, x0 = self.guided_eps_x0(model, x_t, t, cond_fn)
+        abar, abar_prev = self.alpha_bar(t, x_t.shape), self.alpha_bar(t_prev, x_t.shape)
+        beta = 1 - abar / abar_prev
+        coef_x0 = (abar_prev.sqrt() * beta / (1 - abar)).to(x_t.dtype)                      # DDPM Eq. 7
+        coef_xt = ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)).to(x_t.dtype)
+        mean = coef_x0 * x0 + coef_xt * x_t
+        var = (beta * (1 - abar_prev) / (1 - abar)).to(x_t.dtype)                      # beta_tilde, DDPM Eq. 7
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        nonzero = (t_prev >= 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))          # no noise into x_0
+        return mean + nonzero * var.sqrt() * noise
+
+    def ddim_sample(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                    eta: float = 0.0, cond_fn: Optional[CondFn] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One DDIM step x_t -> x_{t_prev}.                                              DDIM Eq. 12
+
+        x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+        sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev).   DDIM Eq. 16
+        eta = 0 is deterministic; eta = 1 on the full schedule is DDPM with beta_tilde.
+        """
+        eps, x0 = self.guided_eps_x0(model, x_t, t, cond_fn)
+        abar, abar_prev = self.alpha_bar(t, x_t.shape), self.alpha_bar(t_prev, x_t.shape)
+        sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+        x_prev = (abar_prev.sqrt().to(x_t.dtype) * x0
+                  + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt().to(x_t.dtype) * eps)
+        if eta > 0:
+            x_prev = x_prev + sigma.to(x_t.dtype) * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return x_prev
+
+    def timestep_sequence(self, steps: Optional[int] = None, t_start: Optional[int] = None) -> list:
+        """Descending timesteps from t_start (default T-1) to 0, ``steps`` of them evenly spaced over the
+        full schedule (so a partial run from t_start < T-1 takes a proportional share of them)."""
+        T = self.num_timesteps
+        t_start = T - 1 if t_start is None else int(t_start)
+        if t_start < 0:
+            return []
+        steps = T if steps is None else int(steps)
+        n = max(1, math.ceil(steps * (t_start + 1) / T))
+        seq = np.unique(np.round(np.linspace(0, t_start, n)).astype(np.int64))
+        return [int(s) for s in seq[::-1]]
+
+    def sample(self, model: nn.Module, shape, *, sampler: str = "ddim", steps: Optional[int] = None,
+               eta: float = 0.0, cond_fn: Optional[CondFn] = None, generator: Optional[torch.Generator] = None,
+               x_t: Optional[torch.Tensor] = None, t_start: Optional[int] = None,
+               device=None, progress: bool = True) -> torch.Tensor:
+        """Run the reverse process from x_{t_start} (default: pure noise at T-1) down to x_0.
+
+        :param model: eps_theta(x_t, t); never stored.
+        :param shape: (B, C, H, W) of the batch.
+        :param sampler: "ddpm" (ancestral, DDPM Alg. 2) or "ddim" (DDIM Eq. 12 with ``eta``).
+        :param steps: number of steps over the full schedule (default: all T).
+        :param cond_fn: guidance, cond_fn(x_t, t) -> s * grad log p(y | x_t, t), same shape as x_t.
+        :param x_t: start here instead of noise (counterfactuals: x_t = q_sample(x_0, t_start, eps)).
+        :returns: x_0 samples in [-1, 1], shape ``shape``.
+        """
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}")
+        device = device or next(model.parameters()).device
+        if x_t is None:
+            x_t = torch.randn(shape, generator=generator, device=device)
+        seq = self.timestep_sequence(steps, t_start)
+        B = shape[0]
+        for i, t in enumerate(tqdm(seq, desc=f"{sampler} sampling", disable=not progress, leave=False)):
+            t_prev = seq[i + 1] if i + 1 < len(seq) else -1
+            tt = torch.full((B,), t, device=device, dtype=torch.long)
+            tp = torch.full((B,), t_prev, device=device, dtype=torch.long)
+            if sampler == "ddpm":
+                x_t = self.p_sample(model, x_t, tt, tp, cond_fn, generator)
+            else:
+                x_t = self.ddim_sample(model, x_t, tt, tp, eta, cond_fn, generator)
+        return x_t.clamp(-1, 1)

@@ -1,0 +1,437 @@
+"""Generate faces toward an attribute, or counterfactuals of given faces, and judge them independently.
+
+Sample from noise (the seed's commands):
+    python generate.py --target_label 1 --guidance_scale 3.0 --num_samples 16
+    python generate.py --target_label 0 --guidance_scale 3.0 --num_samples 16
+    python generate.py --no_guidance --num_samples 16
+Counterfactuals of given images (the same face, changed in the attribute):
+    python generate.py --input face.jpg photos/ --target_label 1 --strength 0.5
+Evaluation run on N test images whose label is not the target, at several scales:
+    python generate.py --from_dataset 64 --target_label 1 --guidance_scale 2 4 8 --retry_scales
+All models come from the checkpoint files (see train.py); e.g. --diffusion_model runs/toy/diffusion_final.pth.
+
+Writes --output (grid PNG), a folder named after its stem with one PNG per sample, and <stem>.json
+with the arguments, per-sample probabilities and the summary.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
+from common import (ArgumentParser, UserError, atomic_save_image, atomic_write_json, check_positive,
+                    ensure_writable_dir, grid_image, heatmap, load_checkpoint, run_main, to_uint8)
+from dataset import load_image_file, load_split, to_float
+from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_STRENGTH = 0.5
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Classifier-guided sampling and counterfactuals with GuidedEmotion models.")
+    p.add_argument("--diffusion_model", default="diffusion_final.pth", help="diffusion checkpoint from train.py")
+    p.add_argument("--classifier_model", default="classifier_best.pth", help="guiding classifier checkpoint")
+    p.add_argument("--oracle_model", default=None,
+                   help="independent judge (default: oracle_best.pth beside the classifier/diffusion model, if there)")
+    p.add_argument("--num_samples", type=int, default=16, help="samples to draw from noise (per guidance scale)")
+    p.add_argument("--guidance_scale", type=float, nargs="+", default=[3.0],
+                   help="classifier guidance scale s (one or more; each gets its own grid row and summary)")
+    p.add_argument("--target_label", type=int, default=1, choices=(0, 1), help="1: attribute present, 0: absent")
+    p.add_argument("--output", default="generated_samples.png", help="grid image path; per-sample PNGs go in a "
+                                                                      "folder named after its stem")
+    p.add_argument("--no_guidance", action="store_true", help="sample without classifier guidance")
+    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="ancestral DDPM or DDIM")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps over the full schedule "
+                                                          "(default: 100 for ddim, all T for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like noise)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per sampling batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
+    # counterfactuals
+    p.add_argument("--input", nargs="+", default=None, help="image files or folders to make counterfactuals of")
+    p.add_argument("--from_dataset", type=int, default=None,
+                   help="make counterfactuals of N test images whose true label is not the target")
+    p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                   help="counterfactual noise level t0 = strength * T: 0 returns the input, 1 is free generation")
+    p.add_argument("--retry_scales", action="store_true",
+                   help="counterfactuals: retry images that did not flip at the next larger scale (as DiME)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Models from checkpoints
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print("warning: CUDA is not available, sampling on the CPU; pass --device cpu to silence this")
+        return torch.device("cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def load_diffusion(path: str, device):
+    ckpt = load_checkpoint(path, "diffusion", "--diffusion_model")
+    net = UNet(UNetConfig(**ckpt["config"]))
+    net.load_state_dict(ckpt.get("ema") or ckpt["model"])             # sample with the EMA weights
+    return net.to(device).eval(), GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt
+
+
+def load_classifier(path: str, device):
+    ckpt = load_checkpoint(path, "classifier", "--classifier_model")
+    net = NoisyClassifier(ClassifierConfig(**ckpt["config"]))
+    net.load_state_dict(ckpt["model"])
+    return net.to(device).eval(), ckpt
+
+
+def load_oracle(path: str, device):
+    ckpt = load_checkpoint(path, "oracle", "--oracle_model")
+    net = Oracle(OracleConfig(**ckpt["config"]))
+    net.load_state_dict(ckpt["model"])
+    return net.to(device).eval(), ckpt
+
+
+def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
+    """Classifier / oracle and diffusion model must agree on image size (and schedule, for the guide)."""
+    if other["image_size"] != d_ckpt["image_size"]:
+        raise UserError(f"{flag} was trained on {other['image_size']}x{other['image_size']} images but the diffusion "
+                        f"model on {d_ckpt['image_size']}x{d_ckpt['image_size']}; use checkpoints from the same run")
+    if "diffusion" in other and other["diffusion"]["timesteps"] != d_ckpt["diffusion"]["timesteps"]:
+        raise UserError(f"{flag} was trained on a {other['diffusion']['timesteps']}-step schedule but the diffusion "
+                        f"model uses {d_ckpt['diffusion']['timesteps']}; use checkpoints from the same run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Judging
+
+
+@torch.no_grad()
+def guide_probability(classifier, x0: torch.Tensor, target: int, batch_size: int = 256) -> torch.Tensor:
+    """The guiding classifier's p(target | x_0) on clean images (t = 0). (N,3,S,S) -> (N,)"""
+    out = []
+    for i in range(0, x0.shape[0], batch_size):
+        x = x0[i:i + batch_size]
+        logit = classifier(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).float()
+        out.append(torch.sigmoid(logit if target == 1 else -logit).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def oracle_probabilities(oracle, x0: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The oracle's p(attribute present) for every attribute. (N,3,S,S) -> (N,A)"""
+    return torch.cat([torch.sigmoid(oracle(x0[i:i + batch_size]).float()).cpu()
+                      for i in range(0, x0.shape[0], batch_size)])
+
+
+def counterfactual_metrics(x: torch.Tensor, x_cf: torch.Tensor, oracle_before: torch.Tensor | None,
+                           oracle_after: torch.Tensor | None, guide_after: torch.Tensor | None,
+                           target_index: int | None, target: int, attr_names: list | None) -> dict:
+    """Flip rates, MNAC and L1 for a batch of counterfactuals.
+
+    :param x, x_cf: (N,3,S,S) inputs and counterfactuals in [-1, 1].
+    :param oracle_before, oracle_after: (N,A) oracle probabilities, or None without an oracle.
+    :param guide_after: (N,) the guide's p(target | counterfactual), or None.
+    flip rate = share of counterfactuals judged to have the target label (p > 0.5);
+    MNAC = mean number of the *other* attributes whose oracle decision changed (DiME Sec. 5, ACE);
+    L1 = mean absolute per-pixel difference on the [0, 1] scale, per image, then mean and std.
+    """
+    l1 = ((x - x_cf).abs() / 2).flatten(1).mean(1)                               # (N,)
+    out = {"n": int(x.shape[0]), "l1_mean": l1.mean().item(), "l1_std": l1.std(unbiased=False).item()}
+    if guide_after is not None:
+        out["flip_rate_guide"] = (guide_after > 0.5).float().mean().item()
+    if oracle_after is not None:
+        pred_after = oracle_after[:, target_index] > 0.5
+        out["flip_rate_oracle"] = (pred_after == bool(target)).float().mean().item()
+        changed = (oracle_before > 0.5) != (oracle_after > 0.5)                    # (N,A)
+        others = [i for i in range(changed.shape[1]) if i != target_index]
+        out["mnac"] = changed[:, others].float().sum(1).mean().item()
+        out["changed_per_attribute"] = {attr_names[i]: changed[:, i].float().mean().item() for i in others}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs for counterfactuals
+
+
+def list_input_images(paths: list) -> list:
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise UserError(f"--input folder '{p}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise UserError(f"--input '{p}' does not exist; pass image files or folders")
+    return files
+
+
+def dataset_inputs(d_ckpt: dict, n: int, target: int, data_root: str | None):
+    """N test-split images whose true label is not the target, as the model was trained (size, subset)."""
+    a = d_ckpt["args"]
+    split = load_split(d_ckpt["dataset"], "test", d_ckpt["image_size"], data_root or a.get("data_root", "./data"),
+                       a.get("subset_fraction", 0.5), a.get("seed", 0), None, False, 0, verbose=True)
+    keep = torch.nonzero(split.attrs[:, d_ckpt["attribute_index"]] != target).squeeze(1)[:n]
+    if len(keep) < n:
+        print(f"warning: only {len(keep)} test images have {d_ckpt['attribute']} != {target}; using them all")
+    if len(keep) == 0:
+        raise UserError(f"no test images with {d_ckpt['attribute']} != {target}; choose the other --target_label")
+    return to_float(split.images[keep]), [split.names[i] for i in keep.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    args = get_parser().parse_args()
+    cf_mode = args.input is not None or args.from_dataset is not None
+    # check every argument before loading or writing anything
+    check_positive("--num_samples", args.num_samples)
+    check_positive("--batch_size", args.batch_size)
+    check_positive("--steps", args.steps)
+    check_positive("--from_dataset", args.from_dataset)
+    if any(s < 0 for s in args.guidance_scale):
+        raise UserError(f"--guidance_scale must be >= 0, got {min(args.guidance_scale)}; 0 means no guidance")
+    if not 0.0 <= args.strength <= 1.0:
+        raise UserError(f"--strength must be in [0, 1], got {args.strength}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.input is not None and args.from_dataset is not None:
+        raise UserError("--input and --from_dataset both given; pass one of them")
+    if args.no_guidance and cf_mode:
+        raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
+    stem, ext = os.path.splitext(args.output)
+    if ext.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"--output '{args.output}' must end in .png or .jpg")
+    input_files = list_input_images(args.input) if args.input is not None else None
+
+    device = resolve_device(args.device)
+    net, diffusion, d_ckpt = load_diffusion(args.diffusion_model, device)
+    T = diffusion.num_timesteps
+    if args.steps is not None and args.steps > T:
+        raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
+    steps = args.steps or (100 if args.sampler == "ddim" else T)
+    steps = min(steps, T)
+    size = d_ckpt["image_size"]
+
+    classifier = c_ckpt = None
+    if not args.no_guidance or os.path.isfile(args.classifier_model):
+        classifier, c_ckpt = load_classifier(args.classifier_model, device)
+        check_compatible(d_ckpt, c_ckpt, "--classifier_model")
+    attribute = (c_ckpt or d_ckpt)["attribute"]
+    oracle_path = args.oracle_model
+    if oracle_path is None:
+        beside = os.path.dirname(args.classifier_model if c_ckpt else args.diffusion_model)
+        oracle_path = os.path.join(beside, "oracle_best.pth")
+        oracle_path = oracle_path if os.path.isfile(oracle_path) else None
+    oracle = o_ckpt = None
+    if oracle_path is not None:
+        oracle, o_ckpt = load_oracle(oracle_path, device)
+        check_compatible(d_ckpt, o_ckpt, "--oracle_model")
+        if attribute not in o_ckpt["attr_names"]:
+            raise UserError(f"--oracle_model '{oracle_path}' does not know attribute {attribute}; "
+                            f"use the oracle trained with this model")
+    target_index = o_ckpt["attr_names"].index(attribute) if o_ckpt else None
+
+    if input_files is not None:
+        x_in = torch.stack([load_image_file(f, size) for f in input_files])
+        x_in, names = to_float(x_in), [os.path.splitext(os.path.basename(f))[0] for f in input_files]
+    elif args.from_dataset is not None:
+        x_in, names = dataset_inputs(d_ckpt, args.from_dataset, args.target_label, args.data_root)
+        names = [os.path.splitext(n)[0] for n in names]
+    folder = stem
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.output)), "output folder")
+    ensure_writable_dir(folder, "sample folder")
+
+    scales = [0.0] if args.no_guidance else list(args.guidance_scale)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    generator = torch.Generator(device=device)
+    t_start = round(args.strength * T) - 1 if cf_mode else None        # t0 = strength * T (t = -1: the input)
+
+    def run_batch(x_T, scale, t_start, seed):
+        """Sample one batch (from noise, or from x_{t_start}), guided toward the target at ``scale``."""
+        generator.manual_seed(seed)
+        cond_fn = None if args.no_guidance or scale == 0 else make_cond_fn(classifier, args.target_label, scale)
+        with autocast:
+            return diffusion.sample(net, x_T.shape, sampler=args.sampler, steps=steps, eta=args.eta, cond_fn=cond_fn,
+                                    generator=generator, x_t=x_T, t_start=t_start, device=device).float()
+
+    what = "counterfactuals" if cf_mode else "samples"
+    print(f"{what}: {args.sampler.upper()}-{steps} on {device}, attribute {attribute} -> {args.target_label}, "
+          f"scales {scales if not args.no_guidance else 'none (unguided)'}")
+    t0 = time.time()
+    results = {}                                  # scale -> (N,3,S,S) on CPU
+    if not cf_mode:
+        for scale in scales:
+            xs = []
+            for i in range(0, args.num_samples, args.batch_size):
+                b = min(args.batch_size, args.num_samples - i)
+                g = torch.Generator(device=device).manual_seed(args.seed * 100003 + i)
+                x_T = torch.randn((b, 3, size, size), generator=g, device=device)
+                xs.append(run_batch(x_T, scale, None, args.seed * 100003 + i + 1).cpu())
+            results[scale] = torch.cat(xs)
+    else:
+        for scale in scales:
+            xs = []
+            for i in range(0, x_in.shape[0], args.batch_size):
+                x0 = x_in[i:i + args.batch_size].to(device)
+                g = torch.Generator(device=device).manual_seed(args.seed * 100003 + i)
+                noise = torch.randn(x0.shape, generator=g, device=device)
+                if t_start < 0:
+                    xs.append(x0.cpu())
+                    continue
+                t = torch.full((x0.shape[0],), t_start, device=device, dtype=torch.long)
+                x_t0 = diffusion.q_sample(x0, t, noise)                                   # DDPM Eq. 4
+                xs.append(run_batch(x_t0, scale, t_start, args.seed * 100003 + i + 1).cpu())
+            results[scale] = torch.cat(xs)
+    seconds = time.time() - t0
+
+    # judge: the guide's own verdict, and the independent oracle's
+    def judge(x):
+        x = x.to(device)
+        g = guide_probability(classifier, x, args.target_label) if classifier is not None else None
+        o = oracle_probabilities(oracle, x) if oracle is not None else None
+        return g, o
+
+    summary, per_sample = {}, []
+    if cf_mode:
+        g_before, o_before = judge(x_in)
+        columns = []                               # (label, images) shown in the panels, left to right
+        retry_pick = None
+        for scale in scales:
+            g_after, o_after = judge(results[scale])
+            summary[f"scale_{scale:g}"] = counterfactual_metrics(
+                x_in, results[scale], o_before, o_after, g_after, target_index, args.target_label,
+                o_ckpt["attr_names"] if o_ckpt else None)
+            flipped = (o_after[:, target_index] > 0.5) == bool(args.target_label) if o_after is not None \
+                else (g_after > 0.5)
+            if args.retry_scales:                  # keep the first scale at which each image flipped
+                if retry_pick is None:
+                    retry_pick = results[scale].clone(), flipped.clone(), torch.full((len(flipped),), scale)
+                else:
+                    xr, fr, sr = retry_pick
+                    take = ~fr
+                    xr[take], sr[take], fr[take] = results[scale][take], scale, flipped[take]
+            columns.append((f"s={scale:g}", results[scale], g_after, o_after))
+        if retry_pick is not None and len(scales) > 1:
+            xr, fr, sr = retry_pick
+            g_after, o_after = judge(xr)
+            m = counterfactual_metrics(x_in, xr, o_before, o_after, g_after, target_index, args.target_label,
+                                       o_ckpt["attr_names"] if o_ckpt else None)
+            m["scale_used"] = {f"{s:g}": int((sr == s).sum()) for s in scales}
+            summary["retry"] = m
+            columns.append(("retry", xr, g_after, o_after))
+            retry_scale_used = sr
+        # panels: original | (counterfactual | difference) per column, one row per image
+        tiles = []
+        x_u8 = to_uint8(x_in)
+        for i in range(x_in.shape[0]):
+            tiles.append(x_u8[i])
+            for _, xc, _, _ in columns:
+                tiles.append(to_uint8(xc[i:i + 1])[0])
+                diff = ((xc[i] - x_in[i]).abs().mean(0) / 2).numpy()              # (S,S) in [0, 1]
+                tiles.append(heatmap(diff / max(diff.max(), 1e-3)))
+        grid = grid_image(np.stack(tiles), nrow=1 + 2 * len(columns))
+        for i, name in enumerate(names):
+            rec = {"index": i, "name": name,
+                   "guide_p_target_before": _f(g_before, i), "oracle_p_target_before": _o(o_before, i, target_index,
+                                                                                          args.target_label)}
+            for label, xc, g_after, o_after in columns:
+                fname = f"{i:04d}_{name}_{label.replace('=', '')}.png"
+                atomic_save_image(_pil(xc[i]), os.path.join(folder, fname))
+                rec[label] = {"file": fname, "guide_p_target": _f(g_after, i),
+                              "oracle_p_target": _o(o_after, i, target_index, args.target_label),
+                              "l1": ((x_in[i] - xc[i]).abs() / 2).mean().item()}
+                if label == "retry":
+                    rec[label]["scale"] = float(retry_scale_used[i])
+            per_sample.append(rec)
+    else:
+        tiles = []
+        for scale in scales:
+            g, o = judge(results[scale])
+            x_u8 = to_uint8(results[scale])
+            tiles.append(x_u8)
+            s = {"n": args.num_samples}
+            if g is not None:
+                s["guide_target_rate"] = (g > 0.5).float().mean().item()
+                s["guide_mean_p_target"] = g.mean().item()
+            if o is not None:
+                p_t = o[:, target_index] if args.target_label == 1 else 1 - o[:, target_index]
+                s["oracle_target_rate"] = (p_t > 0.5).float().mean().item()
+                s["oracle_mean_p_target"] = p_t.mean().item()
+            key = "unguided" if args.no_guidance else f"scale_{scale:g}"
+            summary[key] = s
+            for i in range(args.num_samples):
+                fname = f"sample_{i:04d}.png" if len(scales) == 1 else f"s{scale:g}_sample_{i:04d}.png"
+                atomic_save_image(_pil(results[scale][i]), os.path.join(folder, fname))
+                per_sample.append({"index": i, "scale": scale, "file": fname, "guide_p_target": _f(g, i),
+                                   "oracle_p_target": _o(o, i, target_index, args.target_label)})
+        tiles = np.concatenate(tiles)
+        nrow = math.ceil(math.sqrt(args.num_samples)) if len(scales) == 1 else args.num_samples
+        grid = grid_image(tiles, nrow=nrow)
+
+    atomic_save_image(grid, args.output)
+    report = {"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling", "attribute": attribute,
+              "target_label": args.target_label, "sampler": args.sampler, "steps": steps,
+              "strength": args.strength if cf_mode else None, "seconds": round(seconds, 2),
+              "guide": args.classifier_model if classifier is not None else None, "oracle": oracle_path,
+              "summary": summary, "samples": per_sample}
+    json_path = stem + ".json"
+    atomic_write_json(json_path, report)
+    print_summary(summary, cf_mode, attribute, args.target_label, oracle is not None, classifier is not None)
+    print(f"{sum(r.shape[0] for r in results.values())} {what} in {seconds:.1f} s; wrote {args.output}, "
+          f"{folder}{os.sep} and {json_path}")
+    return 0
+
+
+def _pil(x: torch.Tensor):
+    from PIL import Image
+    return Image.fromarray(to_uint8(x[None])[0])
+
+
+def _f(p, i):
+    return None if p is None else round(float(p[i]), 4)
+
+
+def _o(o, i, k, target):
+    if o is None:
+        return None
+    p = float(o[i, k])
+    return round(p if target == 1 else 1 - p, 4)
+
+
+def print_summary(summary, cf_mode, attribute, target, has_oracle, has_guide):
+    want = f"{attribute}={target}"
+    for key, s in summary.items():
+        line = [f"[{key}]"]
+        if cf_mode:
+            if "flip_rate_oracle" in s:
+                line.append(f"flip rate (oracle, independent) {s['flip_rate_oracle']:.1%}")
+                line.append(f"MNAC {s['mnac']:.2f}")
+            if "flip_rate_guide" in s:
+                line.append(f"flip rate (guiding classifier) {s['flip_rate_guide']:.1%}")
+            line.append(f"L1 {s['l1_mean']:.4f} ± {s['l1_std']:.4f}")
+        else:
+            if "oracle_target_rate" in s:
+                line.append(f"oracle (independent): {s['oracle_target_rate']:.1%} of {s['n']} are {want}, "
+                            f"mean p {s['oracle_mean_p_target']:.2f}")
+            if "guide_target_rate" in s:
+                line.append(f"guiding classifier: {round(s['guide_target_rate'] * s['n'])}/{s['n']} are {want}, "
+                            f"mean p {s['guide_mean_p_target']:.2f}")
+        print("  ".join(line))
+    if has_guide:
+        print("note: the guiding classifier steered these images, so its verdict is not an independent judge"
+              + ("; trust the oracle's" if has_oracle else "; train an oracle (train.py --oracle_epochs) for one"))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,228 @@
+"""The diffusion maths against closed forms, the samplers, the UNet, and guidance."""
+import math
+
+import pytest
+import torch
+
+from classifier import ClassifierConfig, NoisyClassifier, log_prob, make_cond_fn
+from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, timestep_embedding
+
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return GaussianDiffusion(DiffusionConfig(timesteps=T))
+
+
+def tiny_unet(size=16):
+    torch.manual_seed(0)
+    return UNet(UNetConfig(image_size=size, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(8,), dropout=0.0)).eval()
+
+
+def tiny_classifier(size=16):
+    torch.manual_seed(1)
+    net = NoisyClassifier(ClassifierConfig(image_size=size, base_channels=16, channel_mult=(1, 2)))
+    with torch.no_grad():                          # a non-trivial head so gradients are not ~0
+        net.head.weight.normal_(0, 1.0)
+    return net.eval()
+
+
+class TrueNoise(torch.nn.Module):
+    """An 'oracle network' that knows x_0: returns the eps implied by x_t = sqrt(abar) x_0 + sqrt(1-abar) eps."""
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.d, self.x0 = diffusion, x0
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t):
+        return self.d.predict_eps(x_t, t, self.x0)
+
+
+def test_schedule_tables(diffusion):
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    assert diffusion.betas.dtype == torch.float64
+    assert torch.allclose(diffusion.betas, betas)
+    assert torch.allclose(diffusion.alphas_cumprod, torch.cumprod(1 - betas, 0))
+    assert diffusion.alphas_cumprod[-1] < 1e-4          # x_{T-1} is almost pure noise
+
+
+def test_q_sample_mean_and_variance(diffusion):
+    # x_t is linear in (x_0, eps): the mean is sqrt(abar) x_0 and the variance (1 - abar), DDPM Eq. 4
+    x0 = torch.rand(1, 3, 4, 4) * 2 - 1
+    for t_val in (0, 10, 500, 999):
+        t = torch.tensor([t_val])
+        abar = diffusion.alphas_cumprod[t_val].item()
+        assert torch.allclose(diffusion.q_sample(x0, t, torch.zeros_like(x0)), math.sqrt(abar) * x0, atol=1e-6)
+        g = torch.Generator().manual_seed(t_val)
+        n = 20000
+        noise = torch.randn(n, 3, 4, 4, generator=g)
+        xt = diffusion.q_sample(x0.expand(n, -1, -1, -1), t.expand(n), noise)
+        assert torch.allclose(xt.mean(0), math.sqrt(abar) * x0[0], atol=0.03)
+        assert torch.allclose(xt.var(0), torch.full_like(x0[0], 1 - abar), rtol=0.05, atol=1e-4)
+
+
+def test_posterior_matches_bayes(diffusion):
+    # q(x_{t-1} | x_t, x_0) from Gaussian conjugacy: precision = 1/(1-abar_{t-1}) + alpha_t/beta_t
+    x0, xt = torch.randn(2, 3, 4, 4, dtype=torch.float64).unbind(0)
+    for t_val in (1, 7, 300, 999):
+        t = torch.tensor([t_val])
+        b = diffusion.betas[t_val].item()
+        a = 1 - b
+        abar_prev = diffusion.alphas_cumprod[t_val - 1].item()
+        var = 1 / (1 / (1 - abar_prev) + a / b)
+        mean = var * (math.sqrt(abar_prev) * x0 / (1 - abar_prev) + math.sqrt(a) * xt / b)
+        m, v = diffusion.q_posterior_mean_variance(x0[None], xt[None], t)
+        assert torch.allclose(m[0], mean, atol=1e-10)
+        assert abs(v.item() - var) < 1e-12
+
+
+def test_p_sample_with_true_x0_is_the_posterior(diffusion):
+    # DDPM Alg. 2 with a perfect eps-network draws exactly from q(x_{t-1} | x_t, x_0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8
+    model = TrueNoise(diffusion, x0)
+    t = torch.tensor([400, 400])
+    xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    out = diffusion.p_sample(model, xt, t, t - 1, generator=torch.Generator().manual_seed(5))
+    mean, var = diffusion.q_posterior_mean_variance(x0, xt, t)
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(out, mean + var.sqrt() * z, atol=1e-5)
+    # the last step (t = 0 -> clean image) adds no noise and returns x_0
+    t0 = torch.zeros(2, dtype=torch.long)
+    x1 = diffusion.q_sample(x0, t0, torch.randn(x0.shape, generator=g))
+    assert torch.allclose(diffusion.p_sample(model, x1, t0, t0 - 1), x0, atol=1e-5)
+
+
+def test_ddim_eta0_is_deterministic_and_recovers_x0(diffusion):
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(3, 3, 8, 8, generator=g) * 1.8 - 0.9
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.full((3,), T - 1)
+    xT = diffusion.q_sample(x0, t, eps)
+    model = TrueNoise(diffusion, x0)
+    for steps in (10, 50, T):
+        out1 = diffusion.sample(model, x0.shape, sampler="ddim", steps=steps, eta=0.0, x_t=xT.clone(), progress=False)
+        out2 = diffusion.sample(model, x0.shape, sampler="ddim", steps=steps, eta=0.0, x_t=xT.clone(), progress=False,
+                                generator=torch.Generator().manual_seed(99))
+        assert torch.equal(out1, out2)
+        assert torch.allclose(out1, x0, atol=1e-4)
+
+
+def test_ddim_eta1_noise_is_the_ddpm_posterior_variance(diffusion):
+    # DDIM Eq. 16 with eta = 1 and consecutive steps: sigma^2 = beta_tilde_t (DDPM Eq. 7)
+    for t_val in (1, 100, 999):
+        t, tp = torch.tensor([t_val]), torch.tensor([t_val - 1])
+        abar, abar_prev = diffusion.alpha_bar(t, (1,)), diffusion.alpha_bar(tp, (1,))
+        sigma2 = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+        assert torch.allclose(sigma2.squeeze(), diffusion.posterior_variance[t_val], rtol=1e-9)
+
+
+def test_timestep_sequence(diffusion):
+    assert diffusion.timestep_sequence() == list(range(T - 1, -1, -1))
+    seq = diffusion.timestep_sequence(50)
+    assert len(seq) == 50 and seq[0] == T - 1 and seq[-1] == 0 and seq == sorted(seq, reverse=True)
+    part = diffusion.timestep_sequence(50, 499)                  # counterfactual from t0 = 499
+    assert part[0] == 499 and part[-1] == 0 and len(part) == 25
+    assert diffusion.timestep_sequence(50, -1) == []             # strength 0: nothing to do
+
+
+def test_sample_from_start_step_returns_input_at_zero_steps(diffusion):
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = diffusion.sample(tiny_unet(), x.shape, x_t=x.clone(), t_start=-1, progress=False)
+    assert torch.equal(out, x)
+
+
+def test_training_loss_is_eps_mse(diffusion):
+    model = tiny_unet()
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    t = torch.tensor([0, 10, 500, 999])
+    noise = torch.randn_like(x0)
+    loss = diffusion.training_loss(model, x0, t, noise)
+    manual = ((model(diffusion.q_sample(x0, t, noise), t) - noise) ** 2).mean()
+    assert torch.allclose(loss, manual)
+    # a fresh UNet outputs zeros (zero-initialised last conv), so the loss is E[eps^2] = 1
+    assert abs(loss.item() - (noise ** 2).mean().item()) < 1e-6
+
+
+def test_unet_shapes_and_config_check():
+    net = tiny_unet()
+    x = torch.randn(3, 3, 16, 16)
+    assert net(x, torch.tensor([0, 5, 999])).shape == x.shape
+    assert UNetConfig(image_size=18, channel_mult=(1, 2, 2)).check() is not None       # 18 % 4 != 0
+    assert UNetConfig(image_size=4, channel_mult=(1, 2, 2)).check() is not None        # too small
+    assert UNetConfig(image_size=64).check() is None
+    with pytest.raises(ValueError):
+        UNet(UNetConfig(image_size=30))
+
+
+def test_timestep_embedding_distinguishes_steps():
+    e = timestep_embedding(torch.tensor([0, 1, 500]), 32)
+    assert e.shape == (3, 32)
+    assert torch.allclose(e[0, :16], torch.ones(16))           # cos(0) = 1
+    assert (e[1] - e[2]).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+
+
+def test_cond_fn_is_the_gradient_of_log_p(diffusion):
+    """Finite differences of log p(y | x_t, t) match cond_fn / s along random directions."""
+    clf = tiny_classifier().double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t = torch.tensor([100, 700])
+    s = 2.5
+    for y in (0, 1):
+        grad = make_cond_fn(clf, y, s)(x, t).double() / s
+        for seed in range(3):
+            v = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            h = 1e-4
+            with torch.no_grad():
+                lp = lambda z: log_prob(clf(z, t), torch.full((2,), y)).sum()
+                fd = (lp(x + h * v) - lp(x - h * v)) / (2 * h)
+            assert abs(fd.item() - (grad * v).sum().item()) < 1e-5 * max(1.0, abs(fd.item()))
+
+
+def test_guidance_raises_log_p(diffusion):
+    clf = tiny_classifier()
+    x = torch.randn(4, 3, 16, 16)
+    t = torch.full((4,), 300)
+    for y in (0, 1):
+        lp = lambda z: log_prob(clf(z, t), torch.full((4,), y))
+        step = make_cond_fn(clf, y, 1.0)(x, t)
+        with torch.no_grad():
+            assert (lp(x + 1e-2 * step) > lp(x)).all()
+    # through the sampler: a guided DDIM step ends with higher log p(y | x) than the unguided one
+    model = tiny_unet()
+    xt = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    t, tp = torch.full((4,), 300), torch.full((4,), 250)
+    unguided = diffusion.ddim_sample(model, xt, t, tp)
+    guided = diffusion.ddim_sample(model, xt, t, tp, cond_fn=make_cond_fn(clf, 1, 50.0))
+    lp1 = lambda z: log_prob(clf(z, tp), torch.ones(4))
+    with torch.no_grad():
+        assert (lp1(guided) > lp1(unguided)).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_scale_zero_equals_unguided(diffusion, sampler):
+    model, clf = tiny_unet(), tiny_classifier()
+    kw = dict(sampler=sampler, steps=20, eta=0.5, progress=False)
+    a = diffusion.sample(model, (2, 3, 16, 16), generator=torch.Generator().manual_seed(7), **kw)
+    b = diffusion.sample(model, (2, 3, 16, 16), generator=torch.Generator().manual_seed(7),
+                         cond_fn=make_cond_fn(clf, 1, 0.0), **kw)
+    c = diffusion.sample(model, (2, 3, 16, 16), generator=torch.Generator().manual_seed(7),
+                         cond_fn=make_cond_fn(clf, 1, 5.0), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_per_sample_guidance_scales():
+    clf = tiny_classifier()
+    x, t = torch.randn(3, 3, 16, 16), torch.full((3,), 10)
+    g1 = make_cond_fn(clf, 1, 1.0)(x, t)
+    g = make_cond_fn(clf, torch.tensor([1, 1, 0]), torch.tensor([0.0, 1.0, 2.0]))(x, t)
+    assert torch.equal(g[0], torch.zeros_like(g[0]))
+    assert torch.allclose(g[1], g1[1])
+    assert torch.allclose(g[2], 2 * make_cond_fn(clf, 0, 1.0)(x, t)[2], atol=1e-6)

@@ -1,0 +1,236 @@
+"""train.py and generate.py end to end through subprocess on 16x16 images, and every bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fakes import make_celeba
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image_size", "16", "--channel_mult", "1,2", "--attn_resolutions", "8", "--base_channels", "16",
+        "--num_res_blocks", "1", "--classifier_channels", "16", "--oracle_width", "8", "--batch_size", "16",
+        "--device", "cpu", "--timesteps", "100", "--warmup_steps", "5"]
+SEED_OUTPUTS = ("classifier_best.pth", "diffusion_final.pth")
+
+
+def run(script, *args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def assert_user_error(proc, *fragments):
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-1000:], err[-2000:])
+    assert "Traceback" not in err and "Traceback" not in proc.stdout
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for frag in fragments:
+        assert frag.lower() in lines[0].lower(), (frag, lines[0])
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file, to prove that nothing was overwritten."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """One tiny toyfaces training run: 16x16, a few steps per stage."""
+    out = tmp_path_factory.mktemp("toy_run")
+    proc = run("train.py", "--dataset", "toyfaces", *TINY, "--classifier_epochs", 2, "--oracle_epochs", 1,
+               "--diffusion_epochs", 2, "--max_steps_per_epoch", 4, "--subset_fraction", 0.02, "--save_every", 1,
+               "--sample_every", 1, "--output_dir", out)
+    assert_ok(proc)
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def celeba_run(tmp_path_factory):
+    """One tiny run on a fake CelebA folder (official layout)."""
+    data = tmp_path_factory.mktemp("celeba_data")
+    make_celeba(data, "official", n=60)
+    out = tmp_path_factory.mktemp("celeba_run")
+    proc = run("train.py", "--data_root", data, *TINY, "--classifier_epochs", 1, "--oracle_epochs", 1,
+               "--diffusion_epochs", 1, "--subset_fraction", 1.0, "--batch_size", 8, "--output_dir", out)
+    assert_ok(proc)
+    return data, out, proc
+
+
+# ---------------------------------------------------------------------------------------------- train.py
+
+
+def test_train_writes_the_seed_outputs_and_self_describing_checkpoints(toy_run):
+    out, proc = toy_run
+    for f in SEED_OUTPUTS + ("oracle_best.pth", "diffusion_epoch_1.pth", "diffusion_epoch_2.pth", "last.pth",
+                             "train_log.jsonl", "samples/diffusion_epoch_2.png"):
+        assert (out / f).is_file(), f
+    d = torch.load(out / "diffusion_final.pth", weights_only=True)
+    assert d["kind"] == "diffusion" and d["dataset"] == "toyfaces" and d["attribute"] == "Smiling"
+    assert d["config"]["image_size"] == 16 and d["diffusion"]["timesteps"] == 100
+    assert set(d["ema"]) == set(d["model"]) and "state" in d["optimizer"]
+    assert d["epoch"] == 2 and d["args"]["diffusion_epochs"] == 2
+    c = torch.load(out / "classifier_best.pth", weights_only=True)
+    assert c["kind"] == "classifier" and c["diffusion"]["timesteps"] == 100
+    assert set(c["valid_acc"]) == {"valid_acc_t0", "valid_acc_t25", "valid_acc_t50", "valid_acc_t75"}
+    o = torch.load(out / "oracle_best.pth", weights_only=True)
+    assert o["kind"] == "oracle" and o["attr_names"][0] == "Smiling" and len(o["test_acc"]) == 5
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in log if "epoch" in r]
+    assert stages == ["classifier", "classifier", "oracle", "diffusion", "diffusion"]
+    assert all(r["images_per_s"] > 0 and r["seconds"] >= 0 for r in log if "epoch" in r)
+    final = [r for r in log if r.get("final")]
+    assert {"test_acc_t0", "test_acc_t50"} <= set(final[0]) and "test_acc" in final[1]
+    assert "classifier test accuracy" in proc.stdout and "diffusion_final.pth" in proc.stdout
+
+
+def test_train_on_fake_celeba(celeba_run):
+    data, out, proc = celeba_run
+    assert "celeba train: 36 images in split, using 36 (100%)" in proc.stdout
+    d = torch.load(out / "diffusion_final.pth", weights_only=True)
+    assert d["dataset"] == "celeba" and len(d["attr_names"]) == 40
+    assert len(torch.load(out / "oracle_best.pth", weights_only=True)["test_acc"]) == 40
+
+
+# ---------------------------------------------------------------------------------------------- generate.py
+
+
+def test_generate_with_the_seed_defaults(toy_run, tmp_path):
+    out, _ = toy_run
+    work = tmp_path / "gen"
+    work.mkdir()
+    for f in SEED_OUTPUTS + ("oracle_best.pth",):
+        shutil.copy(out / f, work / f)
+    proc = run("generate.py", "--target_label", 1, "--guidance_scale", 3.0, "--num_samples", 16, "--device", "cpu",
+               "--steps", 10, cwd=work)
+    assert_ok(proc)
+    assert (work / "generated_samples.png").is_file()
+    pngs = sorted(os.listdir(work / "generated_samples"))
+    assert len(pngs) == 16 and pngs[0] == "sample_0000.png"
+    assert Image.open(work / "generated_samples" / pngs[0]).size == (16, 16)
+    report = json.loads((work / "generated_samples.json").read_text())
+    assert report["mode"] == "sampling" and report["target_label"] == 1 and report["steps"] == 10
+    s = report["summary"]["scale_3"]
+    assert 0 <= s["oracle_target_rate"] <= 1 and 0 <= s["guide_target_rate"] <= 1
+    assert len(report["samples"]) == 16 and 0 <= report["samples"][0]["guide_p_target"] <= 1
+    assert "not an independent judge" in proc.stdout and "oracle (independent)" in proc.stdout
+
+
+def test_generate_no_guidance_needs_no_classifier(toy_run, tmp_path):
+    out, _ = toy_run
+    shutil.copy(out / "diffusion_final.pth", tmp_path / "diffusion_final.pth")
+    proc = run("generate.py", "--no_guidance", "--num_samples", 4, "--device", "cpu", "--steps", 5, cwd=tmp_path)
+    assert_ok(proc)
+    report = json.loads((tmp_path / "generated_samples.json").read_text())
+    assert list(report["summary"]) == ["unguided"] and report["guide"] is None
+    assert len(os.listdir(tmp_path / "generated_samples")) == 4
+
+
+def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
+    out, _ = toy_run
+    args = ["--diffusion_model", out / "diffusion_final.pth", "--classifier_model", out / "classifier_best.pth",
+            "--sampler", "ddpm", "--steps", 8, "--num_samples", 3, "--guidance_scale", 0, 5, "--device", "cpu",
+            "--batch_size", 2]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert_ok(run("generate.py", *args, "--output", a))
+    assert_ok(run("generate.py", *args, "--output", b))
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+    assert len(os.listdir(tmp_path / "a")) == 6 and (tmp_path / "a" / "s5_sample_0002.png").is_file()
+    assert a.read_bytes() == b.read_bytes()                             # same seed, same pictures
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert set(report["summary"]) == {"scale_0", "scale_5"} and report["sampler"] == "ddpm"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--dataset", "celeba", "--data_root", "{tmp}/nowhere"], ["CelebA not found", "Kaggle"]),
+    (["--attribute", "Smilin"], ["unknown attribute", "Smiling"]),
+    (["--image_size", "20", "--channel_mult", "1,2,2,2"], ["multiple of 8"]),
+    (["--image_size", "4", "--channel_mult", "1,2"], ["--image_size 4 is too small"]),
+    (["--batch_size", "0"], ["--batch_size must be > 0"]),
+    (["--diffusion_epochs", "-1"], ["--diffusion_epochs must be >= 0"]),
+    (["--timesteps", "0"], ["--timesteps must be > 0"]),
+    (["--subset_fraction", "1.5"], ["--subset_fraction"]),
+    (["--output_dir", "{tmp}/afile/sub"], ["cannot write", "afile"]),
+    (["--channel_mult", "1,x"], ["--channel_mult"]),
+    (["--dataset", "mnist"], ["--dataset"]),
+])
+def test_train_bad_input(tmp_path, extra, fragments):
+    (tmp_path / "afile").write_text("not a folder")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    before = snapshot(tmp_path)
+    args = ["--dataset", "toyfaces", *TINY, "--output_dir", tmp_path / "out"]
+    proc = run("train.py", *args, *extra)
+    assert_user_error(proc, *fragments)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture()
+def gen_dir(toy_run, celeba_run, tmp_path):
+    """A folder with the seed's checkpoint names and an earlier output that must survive bad input."""
+    out, _ = toy_run
+    for f in SEED_OUTPUTS + ("oracle_best.pth",):
+        shutil.copy(out / f, tmp_path / f)
+    (tmp_path / "generated_samples.png").write_bytes(b"earlier output")
+    (tmp_path / "junk.pth").write_bytes(os.urandom(300))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    ckpt = torch.load(out / "classifier_best.pth", weights_only=True)
+    ckpt["image_size"], ckpt["config"]["image_size"] = 32, 32
+    torch.save(ckpt, tmp_path / "classifier_32.pth")
+    truncated = (out / "diffusion_final.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(truncated[:len(truncated) // 2])
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "garbage.png").write_bytes(b"this is not a png")
+    _, c_out, _ = celeba_run
+    shutil.copy(c_out / "diffusion_final.pth", tmp_path / "celeba_diffusion.pth")
+    shutil.copy(c_out / "classifier_best.pth", tmp_path / "celeba_classifier.pth")
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--num_samples", "0"], ["--num_samples must be > 0"]),
+    (["--steps", "0"], ["--steps must be > 0"]),
+    (["--steps", "101"], ["--steps 101", "100 timesteps"]),
+    (["--target_label", "2"], ["--target_label", "invalid choice"]),
+    (["--guidance_scale", "-1"], ["--guidance_scale must be >= 0"]),
+    (["--batch_size", "-3"], ["--batch_size must be > 0"]),
+    (["--diffusion_model", "missing.pth"], ["missing.pth", "not found"]),
+    (["--diffusion_model", "junk.pth"], ["junk.pth", "corrupt"]),
+    (["--diffusion_model", "truncated.pth"], ["truncated.pth", "corrupt or truncated"]),
+    (["--diffusion_model", "foreign.pth"], ["not a GuidedEmotion checkpoint"]),
+    (["--diffusion_model", "classifier_best.pth"], ["classifier checkpoint, expected a diffusion"]),
+    (["--classifier_model", "diffusion_final.pth"], ["diffusion checkpoint, expected a classifier"]),
+    (["--classifier_model", "classifier_32.pth"], ["32x32", "16x16"]),
+    (["--oracle_model", "classifier_best.pth"], ["expected a oracle"]),
+    (["--output", "afile/out.png"], ["cannot write", "afile"]),
+    (["--output", "grid.gif"], ["--output"]),
+    (["--strength", "1.5", "--input", "garbage.png"], ["--strength must be in [0, 1]"]),
+    (["--strength", "-0.1", "--from_dataset", "4"], ["--strength must be in [0, 1]"]),
+    (["--input", "garbage.png"], ["garbage.png"]),
+    (["--input", "nothere.png"], ["nothere.png", "does not exist"]),
+    (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
+      "celeba_classifier.pth", "--data_root", "nowhere"], ["CelebA not found"]),
+])
+def test_generate_bad_input(gen_dir, extra, fragments):
+    before = snapshot(gen_dir)
+    proc = run("generate.py", "--device", "cpu", "--steps", 5, *extra, cwd=gen_dir)
+    assert_user_error(proc, *fragments)
+    assert snapshot(gen_dir) == before
