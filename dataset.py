@@ -57,7 +57,7 @@ TOYFACES_SPLIT_SIZES = {"train": 20_000, "valid": 2_000, "test": 2_000}
 DATASETS = ("celeba", "toyfaces")
 SPLITS = ("train", "valid", "test")  # split codes 0, 1, 2, as in list_eval_partition.txt
 MAX_UNREADABLE = 0.01  # more unreadable images than this fraction of a split is an error
-CACHE_VERSION = 1  # bump when decoding or the toyface drawing changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when decoding or the toyface drawing changes, so old caches are not reused
 
 CELEBA_LAYOUTS = ("expected <root>/celeba/{img_align_celeba/,list_attr_celeba.txt,"
                   "list_eval_partition.txt} (official/torchvision) or <root>/{img_align_celeba/"
@@ -234,7 +234,7 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
     eye_dx = w * (0.19 + 0.05 * u[5])  # half the distance between the eyes
     brow_y = eye_y - 0.12 * h
     mouth_y = cy + h * (0.22 + 0.03 * u[6])
-    mouth_w = w * (0.25 + 0.05 * u[7])  # half-width of a smile
+    mouth_w = w * (0.30 + 0.05 * u[7])  # half-width of a smile
     lw = max(1, round(max(0.045 * h * D, 0.8 * D / size)))  # line width in canvas pixels, >= ~1 px out
 
     # colours: skin between light and dark, hair from a palette, background far from the skin
@@ -309,13 +309,13 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
                      fill=dark)
     # mouth
     if a["Smiling"]:
-        box = px(cx - mouth_w, mouth_y - 0.14 * h, cx + mouth_w, mouth_y + 0.09 * h)
+        box = px(cx - mouth_w, mouth_y - 0.16 * h, cx + mouth_w, mouth_y + 0.10 * h)
         if a["Mouth_Slightly_Open"]:  # an open grin: dark inside, a row of teeth on top
             draw.chord(box, 0, 180, fill=mouth_hole)
             teeth_y = mouth_y - 0.025 * h
             draw.rectangle(px(cx - 0.8 * mouth_w, teeth_y, cx + 0.8 * mouth_w, teeth_y + 0.04 * h),
                            fill=teeth)
-        draw.arc(box, 0, 180, fill=lips, width=round(1.6 * lw))
+        draw.arc(box, 0, 180, fill=lips, width=round(2.6 * lw))   # thick: visible through noise at 32 px
     else:
         mw = 0.5 * mouth_w
         droop = 0.02 * h * u[23]

@@ -113,10 +113,11 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                   # each (B, heads, HW, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)                # (B, heads, HW, C/heads)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        # token layout first, so q/k/v are contiguous in the head dim and SDPA can use its fused kernels
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)    # (B,3C,H,W) -> (B, HW, 3C)
+        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)                # each (B, heads, HW, C/heads)
+        h = h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj(h)
 
 

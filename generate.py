@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
-from common import (ArgumentParser, UserError, atomic_save_image, atomic_write_json, check_positive,
+from common import (PRECISION_HELP, ArgumentParser, UserError, autocast, atomic_save_image, atomic_write_json, check_positive,
                     ensure_writable_dir, grid_image, heatmap, load_checkpoint, run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
@@ -45,13 +46,16 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--output", default="generated_samples.png", help="grid image path; per-sample PNGs go in a "
                                                                       "folder named after its stem")
     p.add_argument("--no_guidance", action="store_true", help="sample without classifier guidance")
-    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="ancestral DDPM or DDIM")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps over the full schedule "
-                                                          "(default: 100 for ddim, all T for ddpm)")
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"),
+                   help="ancestral DDPM (default; see README for why) or deterministic DDIM")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps spread over the full schedule "
+                                                          "(capped at the model's T; DDPM with fewer than T "
+                                                          "uses the respaced posterior)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like noise)")
     p.add_argument("--batch_size", type=int, default=64, help="images per sampling batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
     # counterfactuals
     p.add_argument("--input", nargs="+", default=None, help="image files or folders to make counterfactuals of")
     p.add_argument("--from_dataset", type=int, default=None,
@@ -106,6 +110,43 @@ def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
     if "diffusion" in other and other["diffusion"]["timesteps"] != d_ckpt["diffusion"]["timesteps"]:
         raise UserError(f"{flag} was trained on a {other['diffusion']['timesteps']}-step schedule but the diffusion "
                         f"model uses {d_ckpt['diffusion']['timesteps']}; use checkpoints from the same run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x0=None,
+                    t_start=None, sampler="ddim", steps=None, eta=0.0, seed=0, batch_size=64, device="cpu",
+                    amp=None) -> torch.Tensor:
+    """Samples from noise, or counterfactuals of ``x0`` from t_start, guided toward ``target`` at ``scale``.
+
+    :param x0: (N,3,S,S) inputs in [-1, 1] for counterfactuals (noised with q_sample, DDPM Eq. 4, to
+        x_{t_start}, then denoised with guidance); None samples ``n`` images from pure noise.
+    :param t_start: the counterfactual start step t0 in [-1, T-1]; -1 returns the inputs unchanged.
+    Batch i's noise comes from seed and i alone, so a run is reproducible. Returns (N,3,S,S) on the CPU.
+    """
+    size = net.cfg.image_size
+    cond_fn = None if classifier is None or scale == 0 else make_cond_fn(classifier, target, scale)
+    total = n if x0 is None else x0.shape[0]
+    out = []
+    for i in range(0, total, batch_size):
+        b = min(batch_size, total - i)
+        g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
+        noise = torch.randn((b, 3, size, size), generator=g, device=device)
+        if x0 is None:
+            x_t = noise                                                       # x_{T-1} ~ N(0, I)
+        elif t_start < 0:
+            out.append(x0[i:i + b].cpu())
+            continue
+        else:
+            t = torch.full((b,), t_start, device=device, dtype=torch.long)
+            x_t = diffusion.q_sample(x0[i:i + b].to(device), t, noise)      # DDPM Eq. 4
+        with amp or torch.autocast(torch.device(device).type, enabled=False):
+            x = diffusion.sample(net, x_t.shape, sampler=sampler, steps=steps, eta=eta, cond_fn=cond_fn,
+                                 generator=g, x_t=x_t, t_start=t_start, device=device)
+        out.append(x.float().cpu())
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +258,9 @@ def main() -> int:
     device = resolve_device(args.device)
     net, diffusion, d_ckpt = load_diffusion(args.diffusion_model, device)
     T = diffusion.num_timesteps
-    if args.steps is not None and args.steps > T:
+    if args.steps > T and "--steps" in sys.argv:
         raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
-    steps = args.steps or (100 if args.sampler == "ddim" else T)
-    steps = min(steps, T)
+    steps = min(args.steps, T)
     size = d_ckpt["image_size"]
 
     classifier = c_ckpt = None
@@ -253,46 +293,17 @@ def main() -> int:
     ensure_writable_dir(folder, "sample folder")
 
     scales = [0.0] if args.no_guidance else list(args.guidance_scale)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    generator = torch.Generator(device=device)
+    amp = autocast(device, args.precision)
     t_start = round(args.strength * T) - 1 if cf_mode else None        # t0 = strength * T (t = -1: the input)
-
-    def run_batch(x_T, scale, t_start, seed):
-        """Sample one batch (from noise, or from x_{t_start}), guided toward the target at ``scale``."""
-        generator.manual_seed(seed)
-        cond_fn = None if args.no_guidance or scale == 0 else make_cond_fn(classifier, args.target_label, scale)
-        with autocast:
-            return diffusion.sample(net, x_T.shape, sampler=args.sampler, steps=steps, eta=args.eta, cond_fn=cond_fn,
-                                    generator=generator, x_t=x_T, t_start=t_start, device=device).float()
-
     what = "counterfactuals" if cf_mode else "samples"
     print(f"{what}: {args.sampler.upper()}-{steps} on {device}, attribute {attribute} -> {args.target_label}, "
           f"scales {scales if not args.no_guidance else 'none (unguided)'}")
     t0 = time.time()
-    results = {}                                  # scale -> (N,3,S,S) on CPU
-    if not cf_mode:
-        for scale in scales:
-            xs = []
-            for i in range(0, args.num_samples, args.batch_size):
-                b = min(args.batch_size, args.num_samples - i)
-                g = torch.Generator(device=device).manual_seed(args.seed * 100003 + i)
-                x_T = torch.randn((b, 3, size, size), generator=g, device=device)
-                xs.append(run_batch(x_T, scale, None, args.seed * 100003 + i + 1).cpu())
-            results[scale] = torch.cat(xs)
-    else:
-        for scale in scales:
-            xs = []
-            for i in range(0, x_in.shape[0], args.batch_size):
-                x0 = x_in[i:i + args.batch_size].to(device)
-                g = torch.Generator(device=device).manual_seed(args.seed * 100003 + i)
-                noise = torch.randn(x0.shape, generator=g, device=device)
-                if t_start < 0:
-                    xs.append(x0.cpu())
-                    continue
-                t = torch.full((x0.shape[0],), t_start, device=device, dtype=torch.long)
-                x_t0 = diffusion.q_sample(x0, t, noise)                                   # DDPM Eq. 4
-                xs.append(run_batch(x_t0, scale, t_start, args.seed * 100003 + i + 1).cpu())
-            results[scale] = torch.cat(xs)
+    results = {scale: generate_images(net, diffusion, None if args.no_guidance else classifier, args.target_label,
+                                      scale, n=args.num_samples, x0=x_in if cf_mode else None, t_start=t_start,
+                                      sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
+                                      batch_size=args.batch_size, device=device, amp=amp)
+               for scale in scales}                                  # scale -> (N,3,S,S) on CPU
     seconds = time.time() - t0
 
     # judge: the guide's own verdict, and the independent oracle's
@@ -387,7 +398,8 @@ def main() -> int:
               "summary": summary, "samples": per_sample}
     json_path = stem + ".json"
     atomic_write_json(json_path, report)
-    print_summary(summary, cf_mode, attribute, args.target_label, oracle is not None, classifier is not None)
+    print_summary(summary, cf_mode, attribute, args.target_label, oracle is not None,
+                  steered=classifier is not None and not args.no_guidance)
     print(f"{sum(r.shape[0] for r in results.values())} {what} in {seconds:.1f} s; wrote {args.output}, "
           f"{folder}{os.sep} and {json_path}")
     return 0
@@ -409,7 +421,7 @@ def _o(o, i, k, target):
     return round(p if target == 1 else 1 - p, 4)
 
 
-def print_summary(summary, cf_mode, attribute, target, has_oracle, has_guide):
+def print_summary(summary, cf_mode, attribute, target, has_oracle, steered):
     want = f"{attribute}={target}"
     for key, s in summary.items():
         line = [f"[{key}]"]
@@ -428,7 +440,7 @@ def print_summary(summary, cf_mode, attribute, target, has_oracle, has_guide):
                 line.append(f"guiding classifier: {round(s['guide_target_rate'] * s['n'])}/{s['n']} are {want}, "
                             f"mean p {s['guide_mean_p_target']:.2f}")
         print("  ".join(line))
-    if has_guide:
+    if steered:
         print("note: the guiding classifier steered these images, so its verdict is not an independent judge"
               + ("; trust the oracle's" if has_oracle else "; train an oracle (train.py --oracle_epochs) for one"))
 

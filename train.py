@@ -17,6 +17,7 @@ last.pth (resumable state), train_log.jsonl, samples/diffusion_epoch_{N}.png.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -32,14 +33,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig
-from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ArgumentParser, UserError, append_line, atomic_torch_save, check_positive, ensure_writable_dir,
+from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, ArgumentParser, autocast, UserError, append_line, atomic_torch_save, check_positive, ensure_writable_dir,
                     load_checkpoint, make_checkpoint, run_main, save_grid)
 from dataset import DATASETS, attribute_index, attribute_names, load_split, random_flip, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 STAGES = ("classifier", "oracle", "diffusion")
 OUTPUT_FILES = ("classifier_best.pth", "oracle_best.pth", "diffusion_final.pth", "last.pth")
-RUNTIME_ARGS = ("resume", "overwrite", "device", "num_workers", "output_dir", "data_root", "cache_dir",
+RUNTIME_ARGS = ("resume", "overwrite", "device", "precision", "num_workers", "output_dir", "data_root", "cache_dir",
                 "download", "compile")   # may differ on --resume; all other flags come from the checkpoint
 
 
@@ -93,6 +94,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow starting over in an output_dir with checkpoints")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for training")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
     return p
 
 
@@ -205,7 +207,7 @@ class Run:
         self.main = rank == 0
         self.resume_state = resume_state
         self.log_path = os.path.join(args.output_dir, "train_log.jsonl")
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+        self.autocast = autocast(device, args.precision)
 
     def log(self, record: dict) -> None:
         if self.main:
@@ -225,14 +227,6 @@ class Run:
                 raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is unchanged — "
                                 f"free disk space and continue with --resume auto") from None
         self.barrier()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def unwrap(model):
@@ -317,8 +311,8 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
             bad = int(t.item())
         if bad >= 0:
             raise UserError(f"{stage}: the loss became NaN/Inf at epoch {epoch + 1}, step {bad}; stopped without "
-                            f"saving, so the last good checkpoint is kept — lower --lr or check the data, then "
-                            f"--resume auto")
+                            f"saving, so the last good checkpoint is kept; check the data or start again with a "
+                            f"lower --lr")
 
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -326,8 +320,10 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
         t0, loss_sum, n_loss = time.time(), torch.zeros((), device=device), 0
         bar = tqdm(range(start_batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not run.main,
                    initial=start_batch, total=steps_per_epoch, leave=False)
+        seen = []                                                         # data indices this rank used
         for b in bar:
             idx = order[b * bs:(b + 1) * bs]
+            seen.append(idx)
             xb = images[idx.to(images.device)].to(device, non_blocking=True)
             x = random_flip(to_float(xb))
             if device.type == "cuda":
@@ -379,6 +375,11 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
         model.eval()
         record = {"stage": stage, "epoch": epoch + 1, "step": step, "loss": round(mean_loss, 6),
                   "seconds": round(seconds, 2), "images_per_s": round(n_done * bs * run.world / max(seconds, 1e-9), 1)}
+        if run.world > 1:                     # proof that the ranks trained on disjoint shards of the data
+            shards = [None] * run.world
+            dist.all_gather_object(shards, torch.cat(seen).tolist() if seen else [])
+            record["rank_samples"] = [len(sh) for sh in shards]
+            record["ranks_disjoint"] = len(set().union(*map(set, shards))) == sum(map(len, shards))
         record.update(end_of_epoch(epoch + 1, record) or {})
         run.log(record)
         if run.main:
@@ -390,9 +391,11 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
 def make_checkpoint_state(run, stage, modules, optimizer, epoch, batch, step, state) -> dict:
     rngs = [rng_state(run.device)]
     if run.world > 1:                                  # every rank's RNG, so each continues its own stream
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, rng_state(run.device))
-        rngs = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in r.items()} for r in rngs]
+        buf = io.BytesIO()
+        torch.save(rngs[0], buf)
+        gathered = [None] * run.world
+        dist.all_gather_object(gathered, buf.getvalue())
+        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": "train_state", "stage": stage,
             "epoch": epoch, "batch": batch, "step": step, "state": dict(state),
             "modules": {k: unwrap(m).state_dict() for k, m in modules.items()},

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import run_main
 from fakes import make_celeba
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +23,20 @@ def run(script, *args, cwd=None, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(script, *args, cwd, capsys, monkeypatch):
+    """Run a script's main() in this process (no interpreter start-up: fast enough for every bad input);
+    returns an object shaped like CompletedProcess. Uncaught exceptions propagate and fail the test."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module.main)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, out, err)
 
 
 def assert_ok(proc):
@@ -173,12 +188,12 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     (["--channel_mult", "1,x"], ["--channel_mult"]),
     (["--dataset", "mnist"], ["--dataset"]),
 ])
-def test_train_bad_input(tmp_path, extra, fragments):
+def test_train_bad_input(tmp_path, extra, fragments, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     before = snapshot(tmp_path)
     args = ["--dataset", "toyfaces", *TINY, "--output_dir", tmp_path / "out"]
-    proc = run("train.py", *args, *extra)
+    proc = run_here("train.py", *args, *extra, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert_user_error(proc, *fragments)
     assert snapshot(tmp_path) == before
 
@@ -229,8 +244,19 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
       "celeba_classifier.pth", "--data_root", "nowhere"], ["CelebA not found"]),
 ])
-def test_generate_bad_input(gen_dir, extra, fragments):
+def test_generate_bad_input(gen_dir, extra, fragments, capsys, monkeypatch):
     before = snapshot(gen_dir)
-    proc = run("generate.py", "--device", "cpu", "--steps", 5, *extra, cwd=gen_dir)
+    proc = run_here("generate.py", "--device", "cpu", "--steps", 5, *extra, cwd=gen_dir, capsys=capsys,
+                    monkeypatch=monkeypatch)
     assert_user_error(proc, *fragments)
+    assert snapshot(gen_dir) == before
+
+
+def test_bad_input_through_the_real_command_line(gen_dir, tmp_path):
+    """The same contract through a real interpreter: exit 2, one line, no traceback, nothing touched."""
+    before = snapshot(gen_dir)
+    assert_user_error(run("generate.py", "--device", "cpu", "--diffusion_model", "junk.pth", cwd=gen_dir), "corrupt")
+    assert_user_error(run("generate.py", "--device", "cpu", "--target_label", "5", cwd=gen_dir), "--target_label")
+    assert_user_error(run("train.py", "--dataset", "toyfaces", "--attribute", "Smilling", "--output_dir", gen_dir),
+                      "did you mean 'Smiling'")
     assert snapshot(gen_dir) == before

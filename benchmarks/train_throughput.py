@@ -1,0 +1,274 @@
+"""Training throughput of our UNet against HF diffusers' UNet2DModel built to the same architecture.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/train_throughput.py                                   # 64x64, batch 32, CUDA, bf16
+    python benchmarks/train_throughput.py --compile --steps 50 --repeats 7
+    python benchmarks/train_throughput.py --device cpu --count_only          # parameters and FLOPs only
+
+Both networks train in one process with the same data, optimizer (AdamW, fused on CUDA, as train.py),
+loss (eps-MSE on ``GaussianDiffusion.q_sample``, i.e. ``GaussianDiffusion.training_loss``, DDPM Alg. 1),
+gradient clipping at 1.0, bf16 autocast (``common.autocast``) and channels_last on CUDA. The EMA update and
+the data path of ``train.fit`` are left out: they cost the same for both (see benchmarks/data_path.py).
+Timing interleaves the two: for each repeat, ``--steps`` steps of ours, then ``--steps`` of diffusers, so
+clock and thermal drift hit both alike; the table shows the median images/s and the median of the
+per-repeat ratios. FLOPs are the forward pass per image from ``torch.utils.flop_counter.FlopCounterMode``
+(a multiply-add counts 2); on CUDA, MFU = 3 x forward FLOPs x images/s / --peak_tflops (3: forward plus
+a backward of about twice the forward).
+
+How diffusers is configured to match ``UNet(UNetConfig)``:
+  block_out_channels = base_channels * channel_mult[i]; layers_per_block = num_res_blocks (its decoder also
+  has one more block per level); AttnDownBlock2D / AttnUpBlock2D at the levels whose side is in
+  attn_resolutions, DownBlock2D / UpBlock2D elsewhere; UNetMidBlock2D = Res-Attn-Res like ours; time
+  embedding = sinusoidal (cos first, freq_shift 0, as ours) -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C);
+  ResnetBlock2D = GroupNorm-SiLU-conv3x3, + Linear(SiLU(temb)), GroupNorm-SiLU-dropout-conv3x3, 1x1 skip
+  conv when the width changes; attention = GroupNorm, q/k/v/out projections with bias (our qkv 1x1 conv +
+  proj 1x1 conv hold the same weights), residual; conv stride-2 downsampling; nearest x2 + conv3x3
+  upsampling; GroupNorm-SiLU-conv3x3 head. The skip connections are the same (conv_in, every block, every
+  downsampler; concatenated as [h, skip]). So the parameter counts and FLOPs come out equal.
+Remaining differences:
+  - GroupNorm groups: ours uses gcd(32, C) per layer, diffusers one ``norm_num_groups``; we pass the
+    smallest of ours (32 for every default width). Same parameters either way.
+  - attention heads: ours has ``num_heads`` per layer (head dim C / 4), diffusers a fixed head dim; we pass
+    our head dim, so widths that differ across attention layers get other head counts (not by default).
+  - dropout: diffusers' AttnUpBlock2D takes no dropout (0 there); the other blocks get ours (0.1).
+  - implementation only: diffusers' attention works on (B, HW, C) with Linear layers and transposes,
+    ours on (B, C, H, W) with 1x1 convs; diffusers adds per-call checks and deprecation guards.
+  - initialisation: ours zero-initialises the last conv of each block and the output (speed-neutral).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, run_main  # noqa: E402
+from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig  # noqa: E402
+from train import int_tuple, make_optimizer  # noqa: E402
+
+INSTALL_HINT = "error: diffusers is not installed; pip install -r benchmarks/requirements.txt"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
+    p.add_argument("--batch_size", type=int, default=32, help="images per training step")
+    p.add_argument("--base_channels", type=int, default=128, help="UNet width of the first level")
+    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
+    p.add_argument("--num_res_blocks", type=int, default=2, help="UNet residual blocks per level")
+    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
+    p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1 (falls back to cpu without CUDA)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per model per repeat")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (more with --compile)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved ours/diffusers measurements; medians reported")
+    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    p.add_argument("--peak_tflops", type=float, default=989.0,
+                   help="accelerator peak for MFU, TFLOP/s (989: H100/H200 dense bf16; ~495 for their TF32)")
+    p.add_argument("--count_only", action="store_true", help="print parameters and FLOPs, skip the timing")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print("warning: CUDA is not available, benchmarking on the CPU; pass --device cpu to silence this")
+        return torch.device("cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def checked_unet_config(args) -> UNetConfig:
+    """The UNet of the --image_size, --base_channels, --channel_mult, --num_res_blocks, --attn_resolutions flags."""
+    cfg = UNetConfig(image_size=args.image_size, base_channels=args.base_channels, channel_mult=args.channel_mult,
+                     num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn_resolutions)
+    problem = cfg.check()
+    if problem:
+        raise UserError(problem + " (--image_size / --channel_mult)")
+    return cfg
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device) -> float:
+    """Forward FLOPs of one image (batch of 1, no grad; a multiply-add counts 2).
+
+    Attention runs on the math backend here, so it is counted whichever fused kernel a layout would pick
+    (FlopCounterMode has no formula for e.g. the CPU flash kernel); the count is the same for all kernels.
+    """
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+class DiffusersEps(torch.nn.Module):
+    """UNet2DModel behind our call signature: (x_t (B,3,S,S), t (B,)) -> eps (B,3,S,S)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x, t, return_dict=False)[0]
+
+
+def diffusers_twin(cfg: UNetConfig, ours: UNet):
+    """A diffusers UNet2DModel with the architecture of ``ours`` -> (module, notes on what differs)."""
+    from diffusers import UNet2DModel
+
+    notes = []
+    groups = sorted({m.num_groups for m in ours.modules() if isinstance(m, torch.nn.GroupNorm)})
+    if len(groups) > 1:
+        notes.append(f"ours uses GroupNorm groups {groups} by width, diffusers {groups[0]} everywhere")
+    head_dims = sorted({m.qkv.out_channels // 3 // m.num_heads for m in ours.modules() if isinstance(m, AttnBlock)})
+    if len(head_dims) > 1:
+        notes.append(f"ours has attention head dims {head_dims}, diffusers {head_dims[-1]} everywhere")
+    sides = [cfg.image_size // 2 ** i for i in range(len(cfg.channel_mult))]
+    attn = [s in cfg.attn_resolutions for s in sides]
+    net = UNet2DModel(
+        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=head_dims[-1], norm_num_groups=groups[0], dropout=cfg.dropout,
+        flip_sin_to_cos=True, freq_shift=0)
+    return DiffusersEps(net), notes
+
+
+def time_steps(step, n: int, device: torch.device) -> float:
+    """Seconds for ``n`` calls of ``step``, the device drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def make_train_step(model, diffusion: GaussianDiffusion, amp, device: torch.device, lr: float = 2e-4,
+                    grad_clip: float = 1.0):
+    """-> step(x0): one optimizer step of the diffusion stage of ``train.fit`` (without EMA) on a batch
+    x0 (B,3,S,S) in [-1, 1]."""
+    opt = make_optimizer(model.parameters(), lr, 0.0, device)
+
+    def step(x0):
+        with amp:
+            loss = diffusion.training_loss(model, x0)                                  # DDPM Alg. 1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+    return step
+
+
+def main() -> int:
+    args = get_parser().parse_args()
+    for name in ("image_size", "batch_size", "base_channels", "num_res_blocks", "steps", "repeats", "peak_tflops"):
+        check_positive("--" + name, getattr(args, name))
+    check_positive("--warmup", args.warmup, allow_zero=True)
+    cfg = checked_unet_config(args)
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp = autocast(device, args.precision)
+    with amp:
+        bf16 = torch.is_autocast_enabled(device.type)
+
+    torch.manual_seed(0)
+    ours = UNet(cfg).to(device)
+    torch.manual_seed(0)
+    theirs, notes = diffusers_twin(cfg, ours)
+    theirs = theirs.to(device)
+    models = {"ours": ours, "diffusers": theirs}
+    params = {k: count_params(m) for k, m in models.items()}
+    flops = {k: forward_flops_per_image(m, args.image_size, device) for k, m in models.items()}
+
+    header = (f"{args.image_size}x{args.image_size}, batch {args.batch_size}, base {args.base_channels} x "
+              f"{tuple(cfg.channel_mult)}, {args.num_res_blocks} res blocks, attention at {tuple(cfg.attn_resolutions)}, "
+              f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+              + f", bf16 autocast {'on' if bf16 else 'off'}"
+              + f", compile {'on' if args.compile else 'off'}")
+    result = {"args": vars(args), "params": params, "fwd_flops_per_image": flops, "notes": notes}
+    ratio_params, ratio_flops = params["ours"] / params["diffusers"], flops["ours"] / flops["diffusers"]
+    if abs(ratio_params - 1) > 0.10:
+        notes.append(f"parameter counts differ by {abs(ratio_params - 1):.0%} (> 10%): not a like-for-like comparison")
+
+    timed = not args.count_only
+    ips = {k: [] for k in models}
+    if timed:
+        diffusion = GaussianDiffusion(DiffusionConfig())
+        x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+        if device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        steps = {}
+        for k, m in models.items():
+            m.train()
+            if device.type == "cuda":
+                m.to(memory_format=torch.channels_last)
+            steps[k] = partial(make_train_step(torch.compile(m) if args.compile else m, diffusion, amp, device), x0)
+            time_steps(steps[k], args.warmup, device)
+        for _ in range(args.repeats):                        # interleaved: ours, diffusers, ours, diffusers, ...
+            for k in models:
+                ips[k].append(args.steps * args.batch_size / time_steps(steps[k], args.steps, device))
+        result["images_per_s"] = ips
+
+    ratios = {"params": ratio_params, "flops": ratio_flops}
+    med, mfu = {}, None
+    if timed:
+        med = {k: statistics.median(v) for k, v in ips.items()}
+        ratios["images_per_s"] = statistics.median([a / b for a, b in zip(ips["ours"], ips["diffusers"])])
+        if device.type == "cuda":
+            mfu = {k: 3 * flops[k] * med[k] / (args.peak_tflops * 1e12) for k in models}
+    result.update(median_images_per_s=med, ratio_ours_over_diffusers=ratios, mfu=mfu)
+
+    print(f"train_throughput: {header}" + (f"; {args.steps} steps x {args.repeats} repeats after {args.warmup} "
+                                           f"warm-up" if timed else "; counts only")
+          + ("" if mfu is None else f"; MFU against a peak of {args.peak_tflops:g} TFLOP/s"))
+    for note in notes:
+        print(f"note: {note}")
+    print("\n| model | parameters | fwd GFLOP/image | images/s (median) | ms/step | MFU |")
+    print("|---|---|---|---|---|---|")
+    names = {"ours": "ours: UNet", "diffusers": "diffusers: UNet2DModel"}
+    for k in models:
+        speed = f"{med[k]:.1f} | {1e3 * args.batch_size / med[k]:.1f}" if timed else "n/a | n/a"
+        print(f"| {names[k]} | {params[k]:,} | {flops[k] / 1e9:.3f} | {speed} | "
+              f"{'n/a' if mfu is None else f'{100 * mfu[k]:.1f}%'} |")
+    speed = f"{ratios['images_per_s']:.3f} | {1 / ratios['images_per_s']:.3f}" if timed else "n/a | n/a"
+    mfu_ratio = "n/a" if mfu is None else f"{mfu['ours'] / mfu['diffusers']:.3f}"
+    print(f"| ratio ours/diffusers | {ratio_params:.3f} | {ratio_flops:.3f} | {speed} | {mfu_ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,79 @@
+"""The benchmarks run end to end at tiny sizes on the CPU and print their tables; no timing is asserted."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from test_scripts import ROOT, assert_ok, assert_user_error, run
+
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+TINY_UNET = ["--device", "cpu", "--precision", "fp32", "--image_size", "16", "--base_channels", "16",
+             "--channel_mult", "1,2", "--attn_resolutions", "8", "--num_res_blocks", "1", "--batch_size", "8",
+             "--steps", "2", "--repeats", "1"]
+INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
+
+
+def table(stdout: str) -> tuple:
+    """The markdown table in ``stdout`` -> (header cells, {first cell: row cells})."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("|")]
+    assert len(rows) >= 3 and set(rows[1][0]) <= set("-:"), stdout
+    return rows[0], {r[0]: r for r in rows[2:]}
+
+
+def check_train_throughput_table(stdout: str) -> None:
+    header, rows = table(stdout)
+    assert header == ["model", "parameters", "fwd GFLOP/image", "images/s (median)", "ms/step", "MFU"]
+    ours, theirs = rows["ours: UNet"], rows["diffusers: UNet2DModel"]
+    assert int(ours[1].replace(",", "")) > 0 and int(theirs[1].replace(",", "")) > 0
+    assert float(ours[3]) > 0 and float(theirs[3]) > 0
+    ratio = [float(v) for v in rows["ratio ours/diffusers"][1:5]]     # params, FLOPs, images/s, ms/step
+    assert abs(ratio[0] - 1) <= 0.10 and abs(ratio[1] - 1) <= 0.10    # the same architecture
+    assert ratio[2] > 0 and ratio[3] > 0
+
+
+def test_train_throughput(tmp_path):
+    out = tmp_path / "train_throughput.json"
+    proc = run("benchmarks/train_throughput.py", *TINY_UNET, "--warmup", "1", "--json", out)
+    if not HAVE_DIFFUSERS:          # CI installs requirements.txt only
+        assert_user_error(proc, INSTALL_HINT)
+        return
+    assert_ok(proc)
+    check_train_throughput_table(proc.stdout)
+    result = json.loads(out.read_text())
+    assert result["params"]["ours"] == result["params"]["diffusers"]
+    assert len(result["images_per_s"]["ours"]) == 1
+
+
+def test_train_throughput_without_diffusers():
+    """Where diffusers is installed, hide it: the script must still say what to install, in one line."""
+    code = ("import runpy, sys; sys.modules['diffusers'] = None; "
+            f"sys.argv = ['train_throughput.py', '--device', 'cpu']; "
+            f"runpy.run_path({os.path.join(ROOT, 'benchmarks', 'train_throughput.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_user_error(proc, INSTALL_HINT)
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_data_path(tmp_path):
+    out = tmp_path / "data_path.json"
+    proc = run("benchmarks/data_path.py", *TINY_UNET, "--n_images", "200", "--num_workers", "1", "--json", out)
+    assert_ok(proc)
+    header, rows = table(proc.stdout)
+    assert header == ["path", "data images/s (1 process)", "data wait, % of step", "training images/s", "ms/step"]
+    jpeg = next(r for name, r in rows.items() if name.startswith("JPEG files"))
+    cache = rows["uint8 cache (memmap)"]
+    for row in (jpeg, cache):
+        assert float(row[1]) > 0 and 0 <= float(row[2].rstrip("%")) <= 100 and float(row[3]) > 0
+    ratio = rows["ratio cache/JPEG"]
+    assert float(ratio[1]) > 0 and float(ratio[3]) > 0
+    assert "cache / JPEG data throughput:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["n_train"] == 120 and len(result["data_wait_fraction"]["cache"]) == 1
+
+
+def test_data_path_rejects_too_few_images():
+    proc = run("benchmarks/data_path.py", "--n_images", "10", "--batch_size", "32", "--device", "cpu")
+    assert_user_error(proc, "--n_images", "--batch_size")

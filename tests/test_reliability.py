@@ -1,0 +1,168 @@
+"""Faults: kill and resume, Ctrl-C, overwrite refusal, NaN, malicious and damaged checkpoints, failed writes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from common import UserError, atomic_torch_save, load_checkpoint
+from test_scripts import ROOT, TINY, assert_user_error, run, snapshot
+
+# diffusion only, so each run is a few seconds; 2 epochs x 6 steps, last.pth every 2 steps
+QUICK = ["--dataset", "toyfaces", *TINY, "--classifier_epochs", 0, "--oracle_epochs", 0, "--diffusion_epochs", 2,
+         "--max_steps_per_epoch", 6, "--subset_fraction", 0.02, "--checkpoint_every", 2, "--sample_every", 0,
+         "--dropout", 0.1, "--precision", "fp32"]
+
+
+def popen(out, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, QUICK), "--output_dir",
+                             str(out), *map(str, extra)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def last_step(out):
+    try:
+        return torch.load(os.path.join(out, "last.pth"), weights_only=True)["step"]
+    except Exception:
+        return -1
+
+
+def wait_for_step(proc, out, step, timeout=120):
+    t0 = time.time()
+    while last_step(out) < step:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {**{"model." + k: v for k, v in ckpt["model"].items()}, **{"ema." + k: v for k, v in ckpt["ema"].items()}}
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run("train.py", *QUICK, "--output_dir", straight)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    p = popen(killed, "--checkpoint_every", 1)
+    wait_for_step(p, killed, 3)                                   # epoch 1 has steps 0-5: this is mid-epoch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    state = torch.load(killed / "last.pth", weights_only=True)
+    assert state["stage"] == "diffusion" and state["epoch"] == 0 and 0 < state["batch"] < 6
+    assert not (killed / "diffusion_final.pth").exists()
+
+    resumed = run("train.py", "--resume", "auto", "--output_dir", killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming diffusion at epoch 1, batch {state['batch']}" in resumed.stdout
+    a, b = weights(straight / "diffusion_final.pth"), weights(killed / "diffusion_final.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k                         # bit-identical
+    assert torch.load(killed / "diffusion_final.pth", weights_only=True)["epoch"] == 2
+
+
+def test_sigint_saves_resumable_state_and_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    p = popen(out, "--diffusion_epochs", 50, "--checkpoint_every", 1)
+    wait_for_step(p, out, 2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "continue with: python train.py --resume auto" in stdout
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["step"] >= 2 and state["kind"] == "train_state" and set(state["rng"][0]) >= {"python", "torch", "numpy"}
+    # the resumed run continues past the saved step (and can be stopped again)
+    p2 = popen(out, "--resume", "auto")
+    wait_for_step(p2, out, state["step"] + 1)
+    p2.send_signal(signal.SIGTERM)
+    p2.communicate(timeout=120)
+    assert p2.returncode == 128 + signal.SIGTERM
+    assert last_step(out) > state["step"]
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "diffusion_final.pth").write_bytes(b"precious")
+    proc = run("train.py", *QUICK, "--output_dir", out)
+    assert_user_error(proc, "already holds diffusion_final.pth", "--resume auto", "--overwrite")
+    assert (out / "diffusion_final.pth").read_bytes() == b"precious"
+    assert run("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
+               "--overwrite").returncode == 0
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    quick = [str(a) for a in QUICK]
+    quick[quick.index("--classifier_epochs") + 1] = "1"
+    proc = run("train.py", *quick, "--lr", "1e30", "--output_dir", out)   # the classifier is fine, diffusion blows up
+    assert_user_error(proc, "diffusion", "NaN/Inf", "epoch 1, step")
+    good = torch.load(out / "last.pth", weights_only=True)
+    assert good["stage"] == "classifier"                          # the classifier stage's final state is kept
+    assert (out / "classifier_best.pth").is_file() and not (out / "diffusion_final.pth").exists()
+    assert all(torch.isfinite(v).all() for v in good["modules"]["model"].values() if v.is_floating_point())
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "guidedemotion", "format_version": 1, "kind": "diffusion", "x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match="refused by the safe loader"):
+        load_checkpoint(str(tmp_path / "evil.pth"), "diffusion")
+    proc = run("generate.py", "--diffusion_model", tmp_path / "evil.pth", "--device", "cpu", cwd=tmp_path)
+    assert_user_error(proc, "refused by the safe loader", "GLOBAL")
+    proc = run("train.py", "--resume", tmp_path / "evil.pth", "--output_dir", tmp_path, cwd=tmp_path)
+    assert_user_error(proc, "refused by the safe loader")
+    assert not marker.exists()
+
+
+def test_damaged_and_old_checkpoints(tmp_path):
+    good = {"format": "guidedemotion", "format_version": 1, "kind": "train_state", "w": torch.ones(1000)}
+    torch.save(good, tmp_path / "last.pth")
+    data = (tmp_path / "last.pth").read_bytes()
+    (tmp_path / "last.pth").write_bytes(data[:len(data) // 3])                   # truncated on disk
+    proc = run("train.py", "--resume", "auto", "--output_dir", tmp_path)
+    assert_user_error(proc, "last.pth", "corrupt or truncated")
+    torch.save({**good, "format_version": 0}, tmp_path / "old.pth")
+    with pytest.raises(UserError, match="format version 0"):
+        load_checkpoint(str(tmp_path / "old.pth"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run("train.py", "--resume", "auto", "--output_dir", empty), "no last.pth", "without --resume")
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "diffusion_final.pth"
+    atomic_torch_save({"v": torch.tensor([1.0])}, str(path))
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        atomic_torch_save({"v": torch.tensor([2.0])}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["diffusion_final.pth"]              # no temp file left behind
+
+
+def test_unwritable_output_is_caught_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    proc = run("train.py", *QUICK, "--output_dir", tmp_path / "afile" / "run")
+    assert_user_error(proc, "cannot write to output folder")
+    assert proc.stdout == "" and snapshot(tmp_path) == before
