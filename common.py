@@ -38,6 +38,16 @@ def run_main(main: Callable[[], Any]) -> None:
     sys.exit(rc or 0)
 
 
+def resolve_device(name: str, doing: str = "running") -> torch.device:
+    """The --device flag as a torch.device: CUDA falls back to the CPU with a warning; a missing MPS is an error."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"warning: CUDA is not available, {doing} on the CPU (slow); pass --device cpu to silence this")
+        return torch.device("cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return

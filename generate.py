@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -25,12 +24,13 @@ import torch
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
 from common import (PRECISION_HELP, ArgumentParser, UserError, autocast, atomic_save_image, atomic_write_json, check_positive,
-                    ensure_writable_dir, grid_image, heatmap, load_checkpoint, run_main, to_uint8)
+                    ensure_writable_dir, resolve_device, grid_image, heatmap, load_checkpoint, run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_STRENGTH = 0.5
+DEFAULT_STEPS = 100
 
 
 def get_parser() -> ArgumentParser:
@@ -48,9 +48,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--no_guidance", action="store_true", help="sample without classifier guidance")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"),
                    help="ancestral DDPM (default; see README for why) or deterministic DDIM")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps spread over the full schedule "
-                                                          "(capped at the model's T; DDPM with fewer than T "
-                                                          "uses the respaced posterior)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps spread over the full schedule (default: "
+                   f"{DEFAULT_STEPS}, or T if smaller; DDPM with fewer than T steps uses the respaced posterior)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like noise)")
     p.add_argument("--batch_size", type=int, default=64, help="images per sampling batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
@@ -72,20 +71,14 @@ def get_parser() -> ArgumentParser:
 # Models from checkpoints
 
 
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print("warning: CUDA is not available, sampling on the CPU; pass --device cpu to silence this")
-        return torch.device("cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
 def load_diffusion(path: str, device):
     ckpt = load_checkpoint(path, "diffusion", "--diffusion_model")
     net = UNet(UNetConfig(**ckpt["config"]))
     net.load_state_dict(ckpt.get("ema") or ckpt["model"])             # sample with the EMA weights
-    return net.to(device).eval(), GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt
+    net = net.to(device).eval()
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt
 
 
 def load_classifier(path: str, device):
@@ -100,6 +93,14 @@ def load_oracle(path: str, device):
     net = Oracle(OracleConfig(**ckpt["config"]))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval(), ckpt
+
+
+def load_run(run_dir: str, device):
+    """The three networks of one training run (its output folder), for the evaluation scripts."""
+    net, diffusion, d_ckpt = load_diffusion(os.path.join(run_dir, "diffusion_final.pth"), device)
+    clf, c_ckpt = load_classifier(os.path.join(run_dir, "classifier_best.pth"), device)
+    oracle, o_ckpt = load_oracle(os.path.join(run_dir, "oracle_best.pth"), device)
+    return net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt
 
 
 def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
@@ -255,12 +256,12 @@ def main() -> int:
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
     input_files = list_input_images(args.input) if args.input is not None else None
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "sampling")
     net, diffusion, d_ckpt = load_diffusion(args.diffusion_model, device)
     T = diffusion.num_timesteps
-    if args.steps > T and "--steps" in sys.argv:
+    if args.steps is not None and args.steps > T:
         raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
-    steps = min(args.steps, T)
+    steps = args.steps or min(DEFAULT_STEPS, T)
     size = d_ckpt["image_size"]
 
     classifier = c_ckpt = None

@@ -30,17 +30,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig
 from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, ArgumentParser, autocast, UserError, append_line, atomic_torch_save, check_positive, ensure_writable_dir,
-                    load_checkpoint, make_checkpoint, run_main, save_grid)
+                    load_checkpoint, make_checkpoint, resolve_device, run_main, save_grid)
 from dataset import DATASETS, attribute_index, attribute_names, load_split, random_flip, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 STAGES = ("classifier", "oracle", "diffusion")
 OUTPUT_FILES = ("classifier_best.pth", "oracle_best.pth", "diffusion_final.pth", "last.pth")
-RUNTIME_ARGS = ("resume", "overwrite", "device", "precision", "num_workers", "output_dir", "data_root", "cache_dir",
+RUNTIME_ARGS = ("resume", "overwrite", "device", "num_workers", "output_dir", "data_root", "cache_dir",
                 "download", "compile")   # may differ on --resume; all other flags come from the checkpoint
 
 
@@ -49,6 +50,14 @@ def int_tuple(text: str) -> tuple:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_unet_args(p, base_channels=128, num_res_blocks=2) -> None:
+    """The UNet architecture flags (shared with the benchmarks)."""
+    p.add_argument("--base_channels", type=int, default=base_channels, help="UNet width of the first level")
+    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
+    p.add_argument("--num_res_blocks", type=int, default=num_res_blocks, help="UNet residual blocks per level")
+    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,10 +73,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=0, help="processes for decoding images into the cache")
     # schedule and models
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T of the linear beta schedule")
-    p.add_argument("--base_channels", type=int, default=128, help="UNet width of the first level")
-    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
-    p.add_argument("--num_res_blocks", type=int, default=2, help="UNet residual blocks per level")
-    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
+    add_unet_args(p)
     p.add_argument("--dropout", type=float, default=0.1, help="UNet dropout")
     p.add_argument("--classifier_channels", type=int, default=64, help="guiding classifier width")
     p.add_argument("--oracle_width", type=int, default=32, help="oracle width of its first stage")
@@ -139,12 +145,7 @@ def classifier_config(args) -> ClassifierConfig:
 
 def setup_device(args):
     """Pick the device, start torch.distributed under torchrun. Returns (device, rank, world_size)."""
-    want = args.device
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        print("warning: CUDA is not available, training on the CPU (slow); pass --device cpu to silence this")
-        want = "cpu"
-    if want == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps is not available on this machine; use --device cpu")
+    want = str(resolve_device(args.device, "training"))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -252,12 +253,13 @@ def make_optimizer(params, lr, weight_decay, device):
 
 
 def epoch_order(n: int, seed: int, stage: str, epoch: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's share of a permutation that depends only on (seed, stage, epoch): the same order after
-    a resume, disjoint shards across ranks (what DistributedSampler with set_epoch does)."""
-    g = torch.Generator().manual_seed(seed * 1000003 + STAGES.index(stage) * 1009 + epoch)
-    perm = torch.randperm(n, generator=g)
-    per_rank = n // world                      # drop the tail so every rank takes the same number of steps
-    return perm[rank * per_rank:(rank + 1) * per_rank]
+    """This rank's indices for one epoch: DistributedSampler's shard of a permutation seeded by (seed, stage)
+    and ``set_epoch(epoch)``, so the order is the same after a resume and disjoint across ranks (the tail
+    that does not divide evenly is dropped, so every rank takes the same number of steps)."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, drop_last=True,
+                                 seed=seed * 1009 + STAGES.index(stage))
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
 
 
 def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: float, step_fn,
@@ -324,7 +326,10 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
         for b in bar:
             idx = order[b * bs:(b + 1) * bs]
             seen.append(idx)
-            xb = images[idx.to(images.device)].to(device, non_blocking=True)
+            xb = images[idx.to(images.device)]
+            if device.type == "cuda" and not on_device:
+                xb = xb.pin_memory()                                       # lets the copy below overlap
+            xb = xb.to(device, non_blocking=True)
             x = random_flip(to_float(xb))
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -36,12 +36,12 @@ sys.path.insert(1, os.path.join(os.path.dirname(HERE), "tests"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, run_main  # noqa: E402
+from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402
-from train import int_tuple  # noqa: E402
-from train_throughput import checked_unet_config, make_train_step, pick_device, sync  # noqa: E402
+from train import add_unet_args  # noqa: E402
+from train_throughput import checked_unet_config, make_train_step, sync  # noqa: E402
 
 WARMUP_STEPS = 2          # untimed training steps at the start of each measured run
 MIN_CACHE_SECONDS = 0.2   # the cache is timed over whole passes until this much time has gone by
@@ -57,10 +57,7 @@ def get_parser():
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
     p.add_argument("--steps", type=int, default=5, help="timed training steps per path per repeat (part 2)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved JPEG/cache measurements; medians reported")
-    p.add_argument("--base_channels", type=int, default=16, help="UNet width of the first level (part 2)")
-    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers (part 2)")
-    p.add_argument("--num_res_blocks", type=int, default=1, help="UNet residual blocks per level (part 2)")
-    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="sides with self-attention (part 2)")
+    add_unet_args(p, base_channels=16, num_res_blocks=1)                                 # the UNet of part 2
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
 
@@ -136,7 +133,7 @@ def main() -> int:
     if n_train < args.batch_size:
         raise UserError(f"--n_images {args.n_images} gives {n_train} training images, fewer than one --batch_size "
                         f"{args.batch_size}; raise --n_images or lower --batch_size")
-    device = pick_device(args.device)
+    device = resolve_device(args.device, "benchmarking")
     amp = autocast(device, args.precision)
     bs = args.batch_size
     workers = f"{args.num_workers} worker{'s' if args.num_workers != 1 else ''}" if args.num_workers else "no workers"

@@ -8,7 +8,6 @@ unguided (same noise), and prints one table: seconds per image, the guided/ungui
 oracle's rate of the attribute in each set, and the data's base rate for comparison. The oracle
 (trained by train.py on clean images, other architecture and seed) never steers the samples.
 """
-import argparse
 import json
 import os
 import sys
@@ -18,14 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import autocast  # noqa: E402
+from common import ArgumentParser, autocast, resolve_device  # noqa: E402
 from dataset import load_split  # noqa: E402
-from generate import (generate_images, load_classifier, load_diffusion, load_oracle,  # noqa: E402
-                      oracle_probabilities, resolve_device)
+from generate import generate_images, load_run, oracle_probabilities  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run_dir", required=True, help="folder with diffusion_final.pth, classifier_best.pth, oracle_best.pth")
     p.add_argument("--configs", nargs="+", default=["ddpm:1000", "ddim:50", "ddim:100"], help="sampler:steps list")
     p.add_argument("--num_samples", type=int, default=64, help="images per (config, target)")
@@ -37,10 +35,8 @@ def main():
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
-    device = resolve_device(args.device)
-    net, diffusion, d_ckpt = load_diffusion(os.path.join(args.run_dir, "diffusion_final.pth"), device)
-    clf, c_ckpt = load_classifier(os.path.join(args.run_dir, "classifier_best.pth"), device)
-    oracle, o_ckpt = load_oracle(os.path.join(args.run_dir, "oracle_best.pth"), device)
+    device = resolve_device(args.device, "sampling")
+    net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt = load_run(args.run_dir, device)
     k = o_ckpt["attr_names"].index(c_ckpt["attribute"])
     a = d_ckpt["args"]
     test = load_split(d_ckpt["dataset"], "test", d_ckpt["image_size"], a["data_root"], a["subset_fraction"],

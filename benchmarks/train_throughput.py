@@ -49,9 +49,9 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, run_main  # noqa: E402
+from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig  # noqa: E402
-from train import int_tuple, make_optimizer  # noqa: E402
+from train import add_unet_args, make_optimizer  # noqa: E402
 
 INSTALL_HINT = "error: diffusers is not installed; pip install -r benchmarks/requirements.txt"
 
@@ -60,10 +60,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--batch_size", type=int, default=32, help="images per training step")
-    p.add_argument("--base_channels", type=int, default=128, help="UNet width of the first level")
-    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
-    p.add_argument("--num_res_blocks", type=int, default=2, help="UNet residual blocks per level")
-    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
+    add_unet_args(p)
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1 (falls back to cpu without CUDA)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
     p.add_argument("--steps", type=int, default=20, help="timed training steps per model per repeat")
@@ -75,15 +72,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--count_only", action="store_true", help="print parameters and FLOPs, skip the timing")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
-
-
-def pick_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print("warning: CUDA is not available, benchmarking on the CPU; pass --device cpu to silence this")
-        return torch.device("cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps is not available on this machine; use --device cpu")
-    return torch.device(name)
 
 
 def checked_unet_config(args) -> UNetConfig:
@@ -193,7 +181,7 @@ def main() -> int:
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
-    device = pick_device(args.device)
+    device = resolve_device(args.device, "benchmarking")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

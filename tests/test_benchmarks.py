@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from test_scripts import ROOT, assert_ok, assert_user_error, run
+from fakes import ROOT, assert_ok, assert_user_error, run
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 TINY_UNET = ["--device", "cpu", "--precision", "fp32", "--image_size", "16", "--base_channels", "16",

@@ -9,7 +9,7 @@ from PIL import Image
 
 import dataset as ds
 from dataset import DataError
-from fakes import N_FAKE, make_celeba
+from fakes import make_celeba
 
 SPLIT_SIZES = {"train": 24, "valid": 8, "test": 8}
 

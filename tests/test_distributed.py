@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from test_scripts import ROOT, TINY
+from fakes import ROOT, TINY
 
 
 def free_port() -> int:

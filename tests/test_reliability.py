@@ -1,5 +1,4 @@
 """Faults: kill and resume, Ctrl-C, overwrite refusal, NaN, malicious and damaged checkpoints, failed writes."""
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import torch
 
 import common
 from common import UserError, atomic_torch_save, load_checkpoint
-from test_scripts import ROOT, TINY, assert_user_error, run, snapshot
+from fakes import ROOT, TINY, assert_user_error, run, snapshot
 
 # diffusion only, so each run is a few seconds; 2 epochs x 6 steps, last.pth every 2 steps
 QUICK = ["--dataset", "toyfaces", *TINY, "--classifier_epochs", 0, "--oracle_epochs", 0, "--diffusion_epochs", 2,

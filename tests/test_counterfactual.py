@@ -1,0 +1,94 @@
+"""Counterfactual mode of generate.py: panels, files, JSON, strength 0, the metrics, the oracle checkpoint."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from classifier import Oracle, OracleConfig
+from common import load_checkpoint
+from generate import counterfactual_metrics, load_oracle
+from fakes import assert_ok, run
+
+
+def test_counterfactuals_from_the_test_split(toy_run, tmp_path):
+    out, _ = toy_run
+    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+               out / "classifier_best.pth", "--from_dataset", 5, "--target_label", 1, "--guidance_scale", 1, 8,
+               "--retry_scales", "--strength", 0.4, "--steps", 20, "--device", "cpu", "--output", tmp_path / "cf.png")
+    assert_ok(proc)
+    report = json.loads((tmp_path / "cf.json").read_text())
+    assert report["mode"] == "counterfactual" and report["strength"] == 0.4 and report["oracle"].endswith("oracle_best.pth")
+    assert set(report["summary"]) == {"scale_1", "scale_8", "retry"}
+    for s in report["summary"].values():
+        assert {"flip_rate_oracle", "flip_rate_guide", "mnac", "l1_mean", "l1_std", "changed_per_attribute"} <= set(s)
+        assert set(s["changed_per_attribute"]) == {"Eyeglasses", "Bangs", "Mouth_Slightly_Open", "Goatee"}
+        assert 0 <= s["flip_rate_oracle"] <= 1 and 0 <= s["mnac"] <= 4 and s["l1_mean"] > 0
+    assert sum(report["summary"]["retry"]["scale_used"].values()) == 5
+    sample = report["samples"][0]
+    assert {"guide_p_target_before", "oracle_p_target_before", "s=1", "s=8", "retry"} <= set(sample)
+    assert sample["s=8"]["file"] == f"0000_{sample['name']}_s8.png"
+    files = sorted(os.listdir(tmp_path / "cf"))
+    assert len(files) == 15 and all(f.endswith(".png") for f in files)
+    # the panel grid: 5 rows (one per image) x (original + 3 columns x (counterfactual, heat map)) tiles
+    grid = Image.open(tmp_path / "cf.png")
+    tile = 16 * 4 + 2                                          # 16 px enlarged to 64, 2 px padding
+    assert grid.size == (7 * tile + 2, 5 * tile + 2)
+    assert "flip rate (oracle, independent)" in proc.stdout and "MNAC" in proc.stdout
+
+
+def test_strength_zero_returns_the_input(toy_run, tmp_path):
+    out, _ = toy_run
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(faces / f"face{i}.png")
+    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+               out / "classifier_best.pth", "--input", faces, "--strength", 0, "--device", "cpu",
+               "--output", tmp_path / "same.png")
+    assert_ok(proc)
+    for i in range(3):
+        original = np.asarray(Image.open(faces / f"face{i}.png"))
+        counterfactual = np.asarray(Image.open(tmp_path / "same" / f"000{i}_face{i}_s3.png"))
+        assert np.array_equal(original, counterfactual)
+    report = json.loads((tmp_path / "same.json").read_text())
+    assert report["summary"]["scale_3"]["l1_mean"] == 0 and report["summary"]["scale_3"]["mnac"] == 0
+
+
+def test_metrics_on_hand_built_cases():
+    x = torch.zeros(4, 3, 2, 2)
+    x_cf = x.clone()
+    x_cf[0] = 1.0                                     # |diff| = 1 on [-1, 1] -> 0.5 on [0, 1]
+    x_cf[1] = -2.0                                    # |diff| = 2 -> 1.0
+    names = ["Smiling", "Eyeglasses", "Bangs"]
+    before = torch.tensor([[0.1, 0.9, 0.1], [0.2, 0.1, 0.1], [0.3, 0.8, 0.9], [0.4, 0.2, 0.2]])
+    after = torch.tensor([[0.9, 0.9, 0.1],            # flipped, nothing else changed
+                          [0.8, 0.7, 0.1],            # flipped, Eyeglasses changed
+                          [0.2, 0.1, 0.2],            # not flipped, both others changed
+                          [0.6, 0.2, 0.2]])           # flipped
+    guide = torch.tensor([0.9, 0.9, 0.9, 0.1])
+    m = counterfactual_metrics(x, x_cf, before, after, guide, 0, 1, names)
+    assert m["flip_rate_oracle"] == pytest.approx(0.75)
+    assert m["flip_rate_guide"] == pytest.approx(0.75)
+    assert m["mnac"] == pytest.approx((0 + 1 + 2 + 0) / 4)
+    assert m["changed_per_attribute"] == {"Eyeglasses": pytest.approx(0.5), "Bangs": pytest.approx(0.25)}
+    assert m["l1_mean"] == pytest.approx((0.5 + 1.0) / 4)
+    assert m["l1_std"] == pytest.approx(np.std([0.5, 1.0, 0, 0]))
+    # toward 0 the same oracle outputs give the complementary flip rate
+    assert counterfactual_metrics(x, x_cf, before, after, None, 0, 0, names)["flip_rate_oracle"] == pytest.approx(0.25)
+
+
+def test_oracle_checkpoint_round_trip(toy_run):
+    out, _ = toy_run
+    net, ckpt = load_oracle(str(out / "oracle_best.pth"), "cpu")
+    assert isinstance(net, Oracle) and ckpt["kind"] == "oracle" and not net.training
+    again = Oracle(OracleConfig(**load_checkpoint(str(out / "oracle_best.pth"), "oracle")["config"]))
+    again.load_state_dict(ckpt["model"])
+    again.eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(net(x), again(x))
+    assert net(x).shape == (2, 5)
