@@ -532,7 +532,8 @@ def main() -> int:
             if accs["valid_acc_t0"] > state["best_acc"]:
                 state["best_acc"] = accs["valid_acc_t0"]
                 run.save(make_checkpoint("classifier", cfg, net.state_dict(), diffusion=asdict(diffusion_cfg),
-                                         epoch=epoch, valid_acc=accs, **meta), "classifier_best.pth")
+                                         optimizer=opt.state_dict(), epoch=epoch, step=record["step"],
+                                         valid_acc=accs, **meta), "classifier_best.pth")
                 accs["saved"] = "classifier_best.pth"
             return accs
 
@@ -566,8 +567,9 @@ def main() -> int:
             out = {"valid_mean_acc": round(acc.mean().item(), 4)}
             if out["valid_mean_acc"] > state["best_acc"]:
                 state["best_acc"] = out["valid_mean_acc"]
-                run.save(make_checkpoint("oracle", cfg, net.state_dict(), epoch=epoch,
-                                         valid_acc=dict(zip(names, acc.tolist())), **meta), "oracle_best.pth")
+                run.save(make_checkpoint("oracle", cfg, net.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                                         step=record["step"], valid_acc=dict(zip(names, acc.tolist())), **meta),
+                         "oracle_best.pth")
                 out["saved"] = "oracle_best.pth"
             return out
 
@@ -603,29 +605,30 @@ def main() -> int:
         def diffusion_step(x0, attrs):
             return diffusion.training_loss(model, x0)                                    # DDPM Alg. 1
 
-        def diffusion_checkpoint(epoch):
+        def diffusion_checkpoint(epoch, step):
             return make_checkpoint("diffusion", cfg, net.state_dict(), ema=ema.state_dict(),
                                    diffusion=asdict(diffusion_cfg), optimizer=opt.state_dict(),
-                                   epoch=epoch, **meta)
+                                   epoch=epoch, step=step, **meta)
 
         def diffusion_epoch_end(epoch, record):
             out = {}
             if args.sample_every and (epoch % args.sample_every == 0 or epoch == args.diffusion_epochs) and run.main:
+                g = torch.Generator(device=device).manual_seed(args.seed)         # leaves the global RNG alone
                 with run.autocast:
-                    x = diffusion.sample(ema, sample_noise.shape, sampler="ddim", steps=50, x_t=sample_noise.clone(),
-                                         progress=False)
+                    x = diffusion.sample(ema, sample_noise.shape, sampler="ddpm", steps=50, x_t=sample_noise.clone(),
+                                         generator=g, progress=False)
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 path = os.path.join(args.output_dir, "samples", f"diffusion_epoch_{epoch}.png")
                 save_grid(x.float().cpu(), path, nrow=4)
                 out["samples"] = os.path.relpath(path, args.output_dir)
             if epoch % args.save_every == 0:
-                run.save(diffusion_checkpoint(epoch), f"diffusion_epoch_{epoch}.pth")
+                run.save(diffusion_checkpoint(epoch, record["step"]), f"diffusion_epoch_{epoch}.pth")
                 out["saved"] = f"diffusion_epoch_{epoch}.pth"
             return out
 
-        fit(run, "diffusion", {"model": model, "ema": ema}, opt, train_set, args.diffusion_epochs, args.lr,
-            diffusion_step, diffusion_epoch_end, {})
-        run.save(diffusion_checkpoint(args.diffusion_epochs), "diffusion_final.pth")
+        step = fit(run, "diffusion", {"model": model, "ema": ema}, opt, train_set, args.diffusion_epochs, args.lr,
+                   diffusion_step, diffusion_epoch_end, {})
+        run.save(diffusion_checkpoint(args.diffusion_epochs, step), "diffusion_final.pth")
         if run.main:
             print(f"saved {os.path.join(args.output_dir, 'diffusion_final.pth')}")
 

@@ -21,9 +21,10 @@ def test_train_writes_the_seed_outputs_and_self_describing_checkpoints(toy_run):
     assert d["kind"] == "diffusion" and d["dataset"] == "toyfaces" and d["attribute"] == "Smiling"
     assert d["config"]["image_size"] == 16 and d["diffusion"]["timesteps"] == 100
     assert set(d["ema"]) == set(d["model"]) and "state" in d["optimizer"]
-    assert d["epoch"] == 2 and d["args"]["diffusion_epochs"] == 2
+    assert d["epoch"] == 2 and d["step"] == 8 and d["args"]["diffusion_epochs"] == 2
     c = torch.load(out / "classifier_best.pth", weights_only=True)
-    assert c["kind"] == "classifier" and c["diffusion"]["timesteps"] == 100
+    assert c["kind"] == "classifier" and c["diffusion"]["timesteps"] == 100 and "state" in c["optimizer"]
+    assert c["step"] == 4 * c["epoch"]
     assert set(c["valid_acc"]) == {"valid_acc_t0", "valid_acc_t25", "valid_acc_t50", "valid_acc_t75"}
     o = torch.load(out / "oracle_best.pth", weights_only=True)
     assert o["kind"] == "oracle" and o["attr_names"][0] == "Smiling" and len(o["test_acc"]) == 5
