@@ -11,7 +11,6 @@ import os
 import pickle
 import sys
 import tempfile
-import zipfile
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -162,7 +161,7 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
                             f"this project's train.py") from None
         raise UserError(f"{flag} '{path}' is corrupt or not a checkpoint (unreadable pickle); "
                         f"re-save it or use an earlier checkpoint") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:     # whatever else an unreadable file raises inside the unpickler
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{flag} '{path}' is corrupt or truncated ({msg[:160]}); "
                         f"re-save it or use an earlier checkpoint") from None

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
 from common import (PRECISION_HELP, ArgumentParser, UserError, autocast, atomic_save_image, atomic_write_json, check_positive,
@@ -406,8 +407,7 @@ def main() -> int:
     return 0
 
 
-def _pil(x: torch.Tensor):
-    from PIL import Image
+def _pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(x[None])[0])
 
 

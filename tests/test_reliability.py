@@ -143,6 +143,16 @@ def test_damaged_and_old_checkpoints(tmp_path):
     assert_user_error(run("train.py", "--resume", "auto", "--output_dir", empty), "no last.pth", "without --resume")
 
 
+def test_random_bytes_are_always_a_clean_corrupt_error(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    for i in range(40):                      # the unpickler fails in many different ways on garbage
+        data = torch.randint(0, 256, (int(torch.randint(1, 600, (1,), generator=rng)),), generator=rng)
+        path = tmp_path / f"junk{i}.pth"
+        path.write_bytes(bytes(data.to(torch.uint8).tolist()))
+        with pytest.raises(UserError, match="corrupt|not a GuidedEmotion|refused"):
+            load_checkpoint(str(path), "diffusion")
+
+
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "diffusion_final.pth"
     atomic_torch_save({"v": torch.tensor([1.0])}, str(path))

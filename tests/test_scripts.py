@@ -127,7 +127,7 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     for f in SEED_OUTPUTS + ("oracle_best.pth",):
         shutil.copy(out / f, tmp_path / f)
     (tmp_path / "generated_samples.png").write_bytes(b"earlier output")
-    (tmp_path / "junk.pth").write_bytes(os.urandom(300))
+    (tmp_path / "junk.pth").write_bytes(bytes(range(256)) * 2)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pth")
     ckpt = torch.load(out / "classifier_best.pth", weights_only=True)
     ckpt["image_size"], ckpt["config"]["image_size"] = 32, 32
