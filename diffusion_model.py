@@ -354,6 +354,24 @@ class GaussianDiffusion:
             x_prev = x_prev + sigma.to(x_t.dtype) * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return x_prev
 
+    @torch.no_grad()
+    def ddim_invert(self, model: nn.Module, x0: torch.Tensor, t_start: int, steps: Optional[int] = None,
+                    progress: bool = False) -> torch.Tensor:
+        """Deterministic DDIM encoding x_0 -> x_{t_start}: DDIM Eq. 12 with eta = 0 run forwards in time
+        (Song et al. 2021, Sec. 4.3), x_{t'} = sqrt(abar_{t'}) x0_hat(x_t, t) + sqrt(1 - abar_{t'}) eps_theta(x_t, t)
+        over the same timesteps ``sample`` walks back down, so DDIM (eta = 0) from the result reconstructs
+        x_0 up to discretisation error: an edit starts from the input's own noise, not a fresh draw."""
+        seq = self.timestep_sequence(steps, t_start)[::-1]                  # ascending: 0, ..., t_start
+        x, B = x0, x0.shape[0]
+        for t, t_next in tqdm(list(zip(seq[:-1], seq[1:])), desc="ddim inversion", disable=not progress, leave=False):
+            tt = torch.full((B,), t, device=x.device, dtype=torch.long)
+            tn = torch.full((B,), t_next, device=x.device, dtype=torch.long)
+            eps = model(x, tt).float()
+            x0_hat = self.predict_x0(x, tt, eps)
+            x = (self.alpha_bar(tn, x.shape).sqrt().to(x.dtype) * x0_hat
+                 + (1 - self.alpha_bar(tn, x.shape)).sqrt().to(x.dtype) * eps)                   # DDIM Eq. 12
+        return x
+
     def timestep_sequence(self, steps: Optional[int] = None, t_start: Optional[int] = None) -> list:
         """Descending timesteps from t_start (default T-1) to 0, ``steps`` of them evenly spaced over the
         full schedule (so a partial run from t_start < T-1 takes a proportional share of them)."""

@@ -63,6 +63,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
     p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
                    help="counterfactual noise level t0 = strength * T: 0 returns the input, 1 is free generation")
+    p.add_argument("--invert", action="store_true",
+                   help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of q_sample's fresh "
+                        "noise (needs --sampler ddim; keeps the person better, steers less per unit of scale)")
     p.add_argument("--retry_scales", action="store_true",
                    help="counterfactuals: retry images that did not flip at the next larger scale (as DiME)")
     return p
@@ -120,12 +123,13 @@ def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
 
 def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x0=None,
                     t_start=None, sampler="ddim", steps=None, eta=0.0, seed=0, batch_size=64, device="cpu",
-                    amp=None) -> torch.Tensor:
+                    amp=None, invert=False) -> torch.Tensor:
     """Samples from noise, or counterfactuals of ``x0`` from t_start, guided toward ``target`` at ``scale``.
 
     :param x0: (N,3,S,S) inputs in [-1, 1] for counterfactuals (noised with q_sample, DDPM Eq. 4, to
         x_{t_start}, then denoised with guidance); None samples ``n`` images from pure noise.
     :param t_start: the counterfactual start step t0 in [-1, T-1]; -1 returns the inputs unchanged.
+    :param invert: reach x_{t0} by deterministic DDIM inversion instead of q_sample's fresh noise.
     Batch i's noise comes from seed and i alone, so a run is reproducible. Returns (N,3,S,S) on the CPU.
     """
     size = net.cfg.image_size
@@ -141,6 +145,9 @@ def generate_images(net, diffusion, classifier, target: int, scale: float, *, n:
         elif t_start < 0:
             out.append(x0[i:i + b].cpu())
             continue
+        elif invert:
+            with amp or torch.autocast(torch.device(device).type, enabled=False):
+                x_t = diffusion.ddim_invert(net, x0[i:i + b].to(device), t_start, steps)
         else:
             t = torch.full((b,), t_start, device=device, dtype=torch.long)
             x_t = diffusion.q_sample(x0[i:i + b].to(device), t, noise)      # DDPM Eq. 4
@@ -250,6 +257,9 @@ def main() -> int:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if args.input is not None and args.from_dataset is not None:
         raise UserError("--input and --from_dataset both given; pass one of them")
+    if args.invert and (not cf_mode or args.sampler != "ddim"):
+        raise UserError("--invert works on --input/--from_dataset counterfactuals with --sampler ddim; add those "
+                        "or drop --invert")
     if args.no_guidance and cf_mode:
         raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
     stem, ext = os.path.splitext(args.output)
@@ -304,7 +314,7 @@ def main() -> int:
     results = {scale: generate_images(net, diffusion, None if args.no_guidance else classifier, args.target_label,
                                       scale, n=args.num_samples, x0=x_in if cf_mode else None, t_start=t_start,
                                       sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
-                                      batch_size=args.batch_size, device=device, amp=amp)
+                                      batch_size=args.batch_size, device=device, amp=amp, invert=args.invert)
                for scale in scales}                                  # scale -> (N,3,S,S) on CPU
     seconds = time.time() - t0
 

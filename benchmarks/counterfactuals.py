@@ -28,6 +28,7 @@ def main():
     p.add_argument("--scales", type=float, nargs="+", default=[10.0, 30.0, 100.0], help="guidance scales")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="sampler")
     p.add_argument("--steps", type=int, default=100, help="steps over the full schedule")
+    p.add_argument("--invert", action="store_true", help="reach x_t0 by DDIM inversion (use with --sampler ddim)")
     p.add_argument("--targets", type=int, nargs="+", default=[1, 0], help="directions to evaluate")
     p.add_argument("--batch_size", type=int, default=64, help="sampling batch size")
     p.add_argument("--device", default="cuda", help="device")
@@ -48,7 +49,7 @@ def main():
                 t0 = time.time()
                 x_cf = generate_images(net, diffusion, clf, target, scale, x0=x_in, t_start=round(strength * T) - 1,
                                        sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
-                                       device=device, amp=amp)
+                                       device=device, amp=amp, invert=args.invert)
                 m = counterfactual_metrics(x_in, x_cf, o_before, oracle_probabilities(oracle, x_cf.to(device)),
                                            guide_probability(clf, x_cf.to(device), target), k, target, names)
                 m.update(target=target, strength=strength, scale=scale, seconds=time.time() - t0)

@@ -58,6 +58,17 @@ def test_strength_zero_returns_the_input(toy_run, tmp_path):
     assert report["summary"]["scale_3"]["l1_mean"] == 0 and report["summary"]["scale_3"]["mnac"] == 0
 
 
+def test_inverted_counterfactuals_without_guidance_reconstruct(toy_run, tmp_path):
+    out, _ = toy_run
+    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+               out / "classifier_best.pth", "--from_dataset", 3, "--sampler", "ddim", "--steps", 20, "--invert",
+               "--guidance_scale", 0, "--strength", 0.5, "--device", "cpu", "--output", tmp_path / "inv.png")
+    assert_ok(proc)
+    report = json.loads((tmp_path / "inv.json").read_text())
+    assert report["args"]["invert"] is True and len(os.listdir(tmp_path / "inv")) == 3
+    assert report["summary"]["scale_0"]["l1_mean"] < 0.2
+
+
 def test_metrics_on_hand_built_cases():
     x = torch.zeros(4, 3, 2, 2)
     x_cf = x.clone()

@@ -111,6 +111,18 @@ def test_ddim_eta0_is_deterministic_and_recovers_x0(diffusion):
         assert torch.allclose(out1, x0, atol=1e-4)
 
 
+def test_ddim_inversion_round_trip(diffusion):
+    # with a perfect eps-network, DDIM inversion to t0 and DDIM (eta = 0) back returns the input exactly
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.8 - 0.9
+    model = TrueNoise(diffusion, x0)
+    for t0, steps in ((499, 50), (999, 20)):
+        x_t = diffusion.ddim_invert(model, x0, t0, steps)
+        assert not torch.allclose(x_t, x0, atol=0.05)                  # x_t0 is scaled by sqrt(abar_t0) < 1
+        back = diffusion.sample(model, x0.shape, sampler="ddim", steps=steps, x_t=x_t, t_start=t0, progress=False)
+        assert torch.allclose(back, x0, atol=1e-4)
+
+
 def test_ddim_eta1_noise_is_the_ddpm_posterior_variance(diffusion):
     # DDIM Eq. 16 with eta = 1 and consecutive steps: sigma^2 = beta_tilde_t (DDPM Eq. 7)
     for t_val in (1, 100, 999):

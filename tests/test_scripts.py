@@ -162,6 +162,7 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--strength", "1.5", "--input", "garbage.png"], ["--strength must be in [0, 1]"]),
     (["--strength", "-0.1", "--from_dataset", "4"], ["--strength must be in [0, 1]"]),
     (["--input", "garbage.png"], ["garbage.png"]),
+    (["--invert", "--from_dataset", "4"], ["--invert", "--sampler ddim"]),
     (["--input", "nothere.png"], ["nothere.png", "does not exist"]),
     (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
       "celeba_classifier.pth", "--data_root", "nowhere"], ["CelebA not found"]),
