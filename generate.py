@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
-from common import (PRECISION_HELP, ArgumentParser, UserError, autocast, atomic_save_image, atomic_write_json, check_positive,
-                    ensure_writable_dir, resolve_device, grid_image, heatmap, load_checkpoint, run_main, to_uint8)
+from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_save_image, atomic_write_json, autocast,
+                    check_positive, ensure_writable_dir, grid_image, heatmap, load_checkpoint, resolve_device,
+                    run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -121,37 +122,56 @@ def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
 # Sampling
 
 
-def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x0=None,
-                    t_start=None, sampler="ddim", steps=None, eta=0.0, seed=0, batch_size=64, device="cpu",
-                    amp=None, invert=False) -> torch.Tensor:
-    """Samples from noise, or counterfactuals of ``x0`` from t_start, guided toward ``target`` at ``scale``.
+def _no_autocast(device) -> torch.autocast:
+    return torch.autocast(torch.device(device).type, enabled=False)
 
-    :param x0: (N,3,S,S) inputs in [-1, 1] for counterfactuals (noised with q_sample, DDPM Eq. 4, to
-        x_{t_start}, then denoised with guidance); None samples ``n`` images from pure noise.
-    :param t_start: the counterfactual start step t0 in [-1, T-1]; -1 returns the inputs unchanged.
-    :param invert: reach x_{t0} by deterministic DDIM inversion instead of q_sample's fresh noise.
+
+def encode(net, diffusion, x0: torch.Tensor, t_start: int, *, invert=False, steps=None, seed=0, batch_size=64,
+           device="cpu", amp=None) -> torch.Tensor:
+    """Inputs x_0 -> x_{t_start}, the start of their counterfactuals; (N,3,S,S) -> (N,3,S,S) on the CPU.
+
+    q_sample with batch i's seeded noise (DDPM Eq. 4), or with ``invert`` deterministic DDIM inversion.
+    t_start = -1 (strength 0) returns the inputs. Done once per input set, whatever the number of scales.
+    """
+    out = []
+    for i in range(0, x0.shape[0], batch_size):
+        x = x0[i:i + batch_size].to(device)
+        if t_start < 0:
+            x_t = x
+        elif invert:
+            with amp or _no_autocast(device):
+                x_t = diffusion.ddim_invert(net, x, t_start, steps)
+        else:
+            g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
+            noise = torch.randn(x.shape, generator=g, device=device)
+            x_t = diffusion.q_sample(x, torch.full((x.shape[0],), t_start, device=device, dtype=torch.long), noise)
+        out.append(x_t.float().cpu())
+    return torch.cat(out)
+
+
+def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x_t0=None,
+                    t_start=None, sampler="ddim", steps=None, eta=0.0, seed=0, batch_size=64, device="cpu",
+                    amp=None) -> torch.Tensor:
+    """Samples from noise, or counterfactuals from ``x_t0`` (see ``encode``), guided toward ``target`` at ``scale``.
+
+    :param x_t0: (N,3,S,S) encoded inputs at step t_start; None samples ``n`` images from pure noise.
+    :param t_start: the counterfactual start step t0 in [-1, T-1]; -1 returns ``x_t0`` (the inputs) unchanged.
     Batch i's noise comes from seed and i alone, so a run is reproducible. Returns (N,3,S,S) on the CPU.
     """
     size = net.cfg.image_size
     cond_fn = None if classifier is None or scale == 0 else make_cond_fn(classifier, target, scale)
-    total = n if x0 is None else x0.shape[0]
+    total = n if x_t0 is None else x_t0.shape[0]
     out = []
     for i in range(0, total, batch_size):
         b = min(batch_size, total - i)
         g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
-        noise = torch.randn((b, 3, size, size), generator=g, device=device)
-        if x0 is None:
-            x_t = noise                                                       # x_{T-1} ~ N(0, I)
-        elif t_start < 0:
-            out.append(x0[i:i + b].cpu())
-            continue
-        elif invert:
-            with amp or torch.autocast(torch.device(device).type, enabled=False):
-                x_t = diffusion.ddim_invert(net, x0[i:i + b].to(device), t_start, steps)
-        else:
-            t = torch.full((b,), t_start, device=device, dtype=torch.long)
-            x_t = diffusion.q_sample(x0[i:i + b].to(device), t, noise)      # DDPM Eq. 4
-        with amp or torch.autocast(torch.device(device).type, enabled=False):
+        x_t = torch.randn((b, 3, size, size), generator=g, device=device)    # x_{T-1} ~ N(0, I)
+        if x_t0 is not None:
+            x_t = x_t0[i:i + b].to(device)
+            if t_start < 0:
+                out.append(x_t.cpu())
+                continue
+        with amp or _no_autocast(device):
             x = diffusion.sample(net, x_t.shape, sampler=sampler, steps=steps, eta=eta, cond_fn=cond_fn,
                                  generator=g, x_t=x_t, t_start=t_start, device=device)
         out.append(x.float().cpu())
@@ -311,10 +331,14 @@ def main() -> int:
     print(f"{what}: {args.sampler.upper()}-{steps} on {device}, attribute {attribute} -> {args.target_label}, "
           f"scales {scales if not args.no_guidance else 'none (unguided)'}")
     t0 = time.time()
+    x_t0 = None
+    if cf_mode:
+        x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=steps, seed=args.seed,
+                      batch_size=args.batch_size, device=device, amp=amp)
     results = {scale: generate_images(net, diffusion, None if args.no_guidance else classifier, args.target_label,
-                                      scale, n=args.num_samples, x0=x_in if cf_mode else None, t_start=t_start,
-                                      sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
-                                      batch_size=args.batch_size, device=device, amp=amp, invert=args.invert)
+                                      scale, n=args.num_samples, x_t0=x_t0, t_start=t_start, sampler=args.sampler,
+                                      steps=steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                                      device=device, amp=amp)
                for scale in scales}                                  # scale -> (N,3,S,S) on CPU
     seconds = time.time() - t0
 

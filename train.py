@@ -34,8 +34,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig
-from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, ArgumentParser, autocast, UserError, append_line, atomic_torch_save, check_positive, ensure_writable_dir,
-                    load_checkpoint, make_checkpoint, resolve_device, run_main, save_grid)
+from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, ArgumentParser, UserError, append_line,
+                    atomic_torch_save, autocast, check_positive, ensure_writable_dir, load_checkpoint, make_checkpoint,
+                    resolve_device, run_main, save_grid)
 from dataset import DATASETS, attribute_index, attribute_names, load_split, random_flip, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -291,7 +292,7 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
     images = images.to(device) if on_device else images
     attrs = split.attrs.to(device)
     bs = args.batch_size
-    steps_per_epoch = len(epoch_order(len(split), args.seed, stage, 0, run.rank, run.world)) // bs
+    steps_per_epoch = (len(split) // run.world) // bs                   # epoch_order's shard size, drop_last
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     if steps_per_epoch == 0:
@@ -325,7 +326,8 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
         seen = []                                                         # data indices this rank used
         for b in bar:
             idx = order[b * bs:(b + 1) * bs]
-            seen.append(idx)
+            if run.world > 1:
+                seen.append(idx)
             xb = images[idx.to(images.device)]
             if device.type == "cuda" and not on_device:
                 xb = xb.pin_memory()                                       # lets the copy below overlap

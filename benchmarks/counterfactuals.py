@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import ArgumentParser, autocast, resolve_device  # noqa: E402
-from generate import (counterfactual_metrics, dataset_inputs, generate_images, guide_probability,  # noqa: E402
+from generate import (counterfactual_metrics, dataset_inputs, encode, generate_images, guide_probability,  # noqa: E402
                       load_run, oracle_probabilities)
 
 
@@ -45,14 +45,19 @@ def main():
         x_in, _ = dataset_inputs(d_ckpt, args.n, target, None)
         o_before = oracle_probabilities(oracle, x_in.to(device))
         for strength in args.strengths:
+            t_start = round(strength * T) - 1
+            t0 = time.time()
+            x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=args.steps,
+                          batch_size=args.batch_size, device=device, amp=amp)       # once for all scales
+            encode_seconds = time.time() - t0
             for scale in args.scales:
                 t0 = time.time()
-                x_cf = generate_images(net, diffusion, clf, target, scale, x0=x_in, t_start=round(strength * T) - 1,
+                x_cf = generate_images(net, diffusion, clf, target, scale, x_t0=x_t0, t_start=t_start,
                                        sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
-                                       device=device, amp=amp, invert=args.invert)
+                                       device=device, amp=amp)
                 m = counterfactual_metrics(x_in, x_cf, o_before, oracle_probabilities(oracle, x_cf.to(device)),
                                            guide_probability(clf, x_cf.to(device), target), k, target, names)
-                m.update(target=target, strength=strength, scale=scale, seconds=time.time() - t0)
+                m.update(target=target, strength=strength, scale=scale, seconds=time.time() - t0 + encode_seconds)
                 rows.append(m)
                 print(f"  {c_ckpt['attribute']} -> {target}  strength {strength:.2f}  scale {scale:g}: flip (oracle) "
                       f"{m['flip_rate_oracle']:.1%}  flip (guide) {m['flip_rate_guide']:.1%}  MNAC {m['mnac']:.2f}  "
