@@ -30,13 +30,19 @@ class ClassifierConfig:
     channel_mult: tuple = (1, 2, 2, 4)   # one level per entry, halving the resolution between levels
     num_res_blocks: int = 1
     dropout: float = 0.0
+    num_outputs: int = 1       # 1: the steered attribute only; A: every attribute (train.py --guide_all_attributes)
+    target_index: int = 0      # the output column of the steered attribute
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
 
 
 class NoisyClassifier(nn.Module):
-    """Logit of p(y=1 | x_t, t): the UNet's encoder with a pooled linear head. (B,3,S,S), (B,) -> (B,)."""
+    """Logit of p(y=1 | x_t, t): the UNet's encoder with a pooled linear head. (B,3,S,S), (B,) -> (B,).
+
+    With ``num_outputs`` = A it learns every attribute; ``forward`` still returns the steered one (column
+    ``target_index``), and ``all_outputs=True`` all of them, (B, A), for guidance that holds the others.
+    """
 
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
@@ -54,15 +60,16 @@ class NoisyClassifier(nn.Module):
             if level != len(cfg.channel_mult) - 1:
                 self.blocks.append(Downsample(cur))
         self.norm_out = group_norm(cur)
-        self.head = nn.Linear(cur, 1)
+        self.head = nn.Linear(cur, cfg.num_outputs)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, all_outputs: bool = False) -> torch.Tensor:
         temb = self.temb_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
         h = self.conv_in(x)                                        # (B,3,S,S) -> (B,ch,S,S)
         for block in self.blocks:
             h = block(h, temb) if isinstance(block, ResBlock) else block(h)
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))              # (B,C,s,s) -> (B,C)
-        return self.head(h).squeeze(1)                             # (B,C) -> (B,)
+        logits = self.head(h)                                      # (B,C) -> (B,A)
+        return logits if all_outputs else logits[:, self.cfg.target_index]          # (B,A) -> (B,)
 
 
 def log_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -70,11 +77,14 @@ def log_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.logsigmoid(torch.where(y.bool(), logits, -logits))
 
 
-def make_cond_fn(classifier: nn.Module, target_labels, guidance_scale):
+def make_cond_fn(classifier: nn.Module, target_labels, guidance_scale, keep=None, keep_weight: float = 1.0):
     """Classifier guidance as a function for the samplers.             Dhariwal & Nichol 2021, Alg. 1-2
 
     :param target_labels: int, or (B,) tensor of 0/1 targets.
     :param guidance_scale: s >= 0, a float or a (B,) tensor (one scale per sample).
+    :param keep: None, or (B, A) 0/1 values of every attribute to hold (a guide with A outputs): the
+        guided log-probability becomes log p(y | x_t) + keep_weight * sum_{j != target} log p(a_j = keep_j | x_t),
+        i.e. the product of experts p(y) * prod_j p(a_j)^w, so the edit keeps the other attributes.
     :returns: cond_fn(x_t, t) -> s * grad_{x_t} log p_phi(y | x_t, t), shape of x_t.
     """
 
@@ -84,7 +94,14 @@ def make_cond_fn(classifier: nn.Module, target_labels, guidance_scale):
         s = s.expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.dim() - 1)))        # (B,) -> (B,1,1,1)
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
-            lp = log_prob(classifier(x_in, t).float(), y)                       # (B,)
+            if keep is None:
+                lp = log_prob(classifier(x_in, t).float(), y)                   # (B,)
+            else:
+                logits = classifier(x_in, t, all_outputs=True).float()         # (B, A)
+                k = classifier.cfg.target_index
+                others = [j for j in range(logits.shape[1]) if j != k]
+                lp = (log_prob(logits[:, k], y)
+                      + keep_weight * log_prob(logits[:, others], keep[:, others].to(x_t.device)).sum(1))
             grad = torch.autograd.grad(lp.sum(), x_in)[0]                       # (B,3,S,S)
         return s * grad.float()
 

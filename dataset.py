@@ -337,6 +337,21 @@ def _toyface_job(job: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(img.transpose(2, 0, 1)), attrs  # (3, S, S), (5,)
 
 
+def toyface_counterfactuals(names: list, split: str, image_size: int, seed: int, attribute: str,
+                            value: int) -> np.ndarray:
+    """The exact counterfactuals of toyfaces images: each face of ``names`` ("toyface_000123", as load_split
+    names them) redrawn with only ``attribute`` set to ``value``. -> uint8 (N, 3, S, S).
+
+    Real data has no such ground truth; here it measures how far a generated counterfactual is from the
+    true one, and how often the oracle itself reports other attributes changed on a perfect edit."""
+    out = np.empty((len(names), 3, image_size, image_size), dtype=np.uint8)
+    for k, name in enumerate(names):
+        i = int(name.rsplit("_", 1)[1].split(".")[0])
+        img, _ = draw_toyface((seed, SPLITS.index(split), i), image_size, {attribute: value})
+        out[k] = img.transpose(2, 0, 1)
+    return out
+
+
 def _build_toyfaces(split, image_size, fraction, seed, num_workers, verbose):
     n = TOYFACES_SPLIT_SIZES[split]
     idx = _subset(n, fraction, seed, split)

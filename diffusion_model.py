@@ -387,7 +387,7 @@ class GaussianDiffusion:
     def sample(self, model: nn.Module, shape, *, sampler: str = "ddim", steps: Optional[int] = None,
                eta: float = 0.0, cond_fn: Optional[CondFn] = None, generator: Optional[torch.Generator] = None,
                x_t: Optional[torch.Tensor] = None, t_start: Optional[int] = None,
-               device=None, progress: bool = True) -> torch.Tensor:
+               known: Optional[tuple] = None, device=None, progress: bool = True) -> torch.Tensor:
         """Run the reverse process from x_{t_start} (default: pure noise at T-1) down to x_0.
 
         :param model: eps_theta(x_t, t); never stored.
@@ -396,6 +396,9 @@ class GaussianDiffusion:
         :param steps: number of steps over the full schedule (default: all T).
         :param cond_fn: guidance, cond_fn(x_t, t) -> s * grad log p(y | x_t, t), same shape as x_t.
         :param x_t: start here instead of noise (counterfactuals: x_t = q_sample(x_0, t_start, eps)).
+        :param known: (mask, x0_known), mask (B,1,H,W) in [0, 1] and x0_known (B,C,H,W): only where mask = 1
+            is generated; elsewhere every x_{t_prev} is replaced by q_sample(x0_known, t_prev) with fresh
+            noise, and x_0 by x0_known itself (RePaint, Lugmayr et al. 2022, Eq. 8-10; no resampling).
         :returns: x_0 samples in [-1, 1], shape ``shape``.
         """
         if sampler not in ("ddpm", "ddim"):
@@ -413,4 +416,9 @@ class GaussianDiffusion:
                 x_t = self.p_sample(model, x_t, tt, tp, cond_fn, generator)
             else:
                 x_t = self.ddim_sample(model, x_t, tt, tp, eta, cond_fn, generator)
+            if known is not None:
+                mask, x0_known = known
+                x_known = x0_known if t_prev < 0 else self.q_sample(
+                    x0_known, tp, torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype))
+                x_t = mask * x_t + (1 - mask) * x_known                       # RePaint Eq. 10
         return x_t.clamp(-1, 1)

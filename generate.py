@@ -8,6 +8,8 @@ Counterfactuals of given images (the same face, changed in the attribute):
     python generate.py --input face.jpg photos/ --target_label 1 --strength 0.5
 Evaluation run on N test images whose label is not the target, at several scales:
     python generate.py --from_dataset 64 --target_label 1 --guidance_scale 2 4 8 --retry_scales
+Change only the region guidance needs (ACE-style mask; the rest of the face stays the input's pixels):
+    python generate.py --input face.jpg --target_label 1 --strength 0.5 --localize
 All models come from the checkpoint files (see train.py); e.g. --diffusion_model runs/toy/diffusion_final.pth.
 
 Writes --output (grid PNG), a folder named after its stem with one PNG per sample, and <stem>.json
@@ -21,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
@@ -33,6 +36,7 @@ from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_STRENGTH = 0.5
 DEFAULT_STEPS = 100
+DEFAULT_PRESERVE = 0.3     # weight of the other attributes' guidance, from the measurements in the README
 
 
 def get_parser() -> ArgumentParser:
@@ -67,6 +71,19 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--invert", action="store_true",
                    help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of q_sample's fresh "
                         "noise (needs --sampler ddim; keeps the person better, steers less per unit of scale)")
+    p.add_argument("--localize", action="store_true",
+                   help="counterfactuals: repaint only where guidance changed the image (ACE-style mask: a guided and "
+                        "an unguided run from the same noise, their difference thresholded and dilated); the rest "
+                        "stays the input pixel for pixel. Costs about 2.5x the time")
+    p.add_argument("--mask_threshold", type=float, default=0.05,
+                   help="with --localize: smallest guided-vs-unguided change (mean |diff| on the [0, 1] scale over "
+                        "3x3 pixels) that goes into the mask")
+    p.add_argument("--mask_dilation", type=int, default=None,
+                   help="with --localize: grow the mask by this many pixels (default: image size / 32)")
+    p.add_argument("--preserve", type=float, default=None,
+                   help="counterfactuals with a guide trained by train.py --guide_all_attributes: weight of the "
+                        "guidance that holds every other attribute at the guide's verdict on the input "
+                        "(default 0.3 with such a guide, 0 otherwise; 0: off)")
     p.add_argument("--retry_scales", action="store_true",
                    help="counterfactuals: retry images that did not flip at the next larger scale (as DiME)")
     return p
@@ -150,20 +167,25 @@ def encode(net, diffusion, x0: torch.Tensor, t_start: int, *, invert=False, step
 
 
 def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x_t0=None,
-                    t_start=None, sampler="ddim", steps=None, eta=0.0, seed=0, batch_size=64, device="cpu",
-                    amp=None) -> torch.Tensor:
+                    t_start=None, known=None, keep=None, keep_weight=1.0, sampler="ddim", steps=None, eta=0.0,
+                    seed=0, batch_size=64, device="cpu", amp=None) -> torch.Tensor:
     """Samples from noise, or counterfactuals from ``x_t0`` (see ``encode``), guided toward ``target`` at ``scale``.
 
     :param x_t0: (N,3,S,S) encoded inputs at step t_start; None samples ``n`` images from pure noise.
     :param t_start: the counterfactual start step t0 in [-1, T-1]; -1 returns ``x_t0`` (the inputs) unchanged.
+    :param known: (mask (N,1,S,S), x0 (N,3,S,S)): generate only where mask = 1, keep x0 elsewhere (RePaint).
+    :param keep: (N, A) attribute values the guidance holds, with weight ``keep_weight`` (see make_cond_fn).
     Batch i's noise comes from seed and i alone, so a run is reproducible. Returns (N,3,S,S) on the CPU.
     """
     size = net.cfg.image_size
-    cond_fn = None if classifier is None or scale == 0 else make_cond_fn(classifier, target, scale)
+    guided = classifier is not None and scale != 0
+    cond_fn = make_cond_fn(classifier, target, scale) if guided and keep is None else None
     total = n if x_t0 is None else x_t0.shape[0]
     out = []
     for i in range(0, total, batch_size):
         b = min(batch_size, total - i)
+        if guided and keep is not None:
+            cond_fn = make_cond_fn(classifier, target, scale, keep=keep[i:i + b], keep_weight=keep_weight)
         g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
         x_t = torch.randn((b, 3, size, size), generator=g, device=device)    # x_{T-1} ~ N(0, I)
         if x_t0 is not None:
@@ -171,11 +193,58 @@ def generate_images(net, diffusion, classifier, target: int, scale: float, *, n:
             if t_start < 0:
                 out.append(x_t.cpu())
                 continue
+        kb = None if known is None else tuple(k[i:i + b].to(device) for k in known)
         with amp or _no_autocast(device):
             x = diffusion.sample(net, x_t.shape, sampler=sampler, steps=steps, eta=eta, cond_fn=cond_fn,
-                                 generator=g, x_t=x_t, t_start=t_start, device=device)
+                                 generator=g, x_t=x_t, t_start=t_start, known=kb, device=device)
         out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def edit_mask(x_guided: torch.Tensor, x_unguided: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
+    """Where guidance changed the image: (N,3,S,S), (N,3,S,S) -> (N,1,S,S) in {0, 1}.
+
+    Both come from the same x_t0 and the same sampler noise, so their difference is guidance's doing,
+    not the model's imperfect reconstruction. |x_g - x_u| on the [0, 1] scale, averaged over channels
+    and a 3x3 window, above ``threshold``, then dilated by ``dilation`` pixels (as ACE, Jeanneret et al.
+    2023, post-processes its pre-explanations: only the changed region, dilated, is repainted).
+    """
+    d = (x_guided - x_unguided).abs().mean(1, keepdim=True) / 2                      # (N,1,S,S)
+    d = F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)
+    mask = (d > threshold).float()
+    return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation) if dilation > 0 else mask
+
+
+def make_counterfactuals(net, diffusion, classifier, target: int, scales: list, x_in: torch.Tensor, x_t0, t_start,
+                         *, localize=False, mask_threshold=0.05, mask_dilation=None, preserve=0.0, **sample_kw):
+    """Counterfactuals of ``x_in`` (N,3,S,S) from its encoding ``x_t0`` at every guidance scale.
+
+    Plain: one guided run from x_t0 per scale. With ``localize`` (ACE-style): an unguided run from the
+    same x_t0 and noise, then per scale the guided run, ``edit_mask`` of the two, and a second guided run
+    that repaints only inside the mask; outside it the output is the input, pixel for pixel.
+    :param mask_dilation: pixels; None: image size / 32 (at least 1).
+    :param preserve: > 0 (a guide that knows every attribute): also hold the attributes the guide sees in
+        each input, with this weight (``make_cond_fn``'s keep_weight).
+    :returns: {scale: (N,3,S,S) counterfactuals}, {scale: (N,1,S,S) masks, all ones without ``localize``}.
+    """
+    if mask_dilation is None:
+        mask_dilation = max(1, x_in.shape[-1] // 32)
+    keep = None
+    if preserve > 0:                                 # the guide's own clean-image verdicts (t = 0) on the inputs
+        keep = torch.cat([guide_attributes(classifier, x_in[i:i + 256].to(sample_kw.get("device", "cpu")))
+                          for i in range(0, x_in.shape[0], 256)])
+    run = lambda s, known=None: generate_images(net, diffusion, classifier, target, s, x_t0=x_t0, t_start=t_start,
+                                                known=known, keep=keep, keep_weight=preserve, **sample_kw)
+    x_unguided = run(0.0) if localize and t_start >= 0 else None
+    results, masks = {}, {}
+    for scale in scales:
+        x = run(scale)
+        mask = torch.ones_like(x[:, :1])
+        if x_unguided is not None and scale > 0:
+            mask = edit_mask(x, x_unguided, mask_threshold, mask_dilation)
+            x = run(scale, known=(mask, x_in))
+        results[scale], masks[scale] = x, mask
+    return results, masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +260,13 @@ def guide_probability(classifier, x0: torch.Tensor, target: int, batch_size: int
         logit = classifier(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).float()
         out.append(torch.sigmoid(logit if target == 1 else -logit).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def guide_attributes(classifier, x0: torch.Tensor) -> torch.Tensor:
+    """The guide's 0/1 verdict on every attribute of clean images (a guide with several outputs). (N,3,S,S) -> (N,A)"""
+    t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    return (classifier(x0, t, all_outputs=True).float() > 0).long().cpu()
 
 
 @torch.no_grad()
@@ -280,6 +356,15 @@ def main() -> int:
     if args.invert and (not cf_mode or args.sampler != "ddim"):
         raise UserError("--invert works on --input/--from_dataset counterfactuals with --sampler ddim; add those "
                         "or drop --invert")
+    if (args.localize or args.mask_dilation is not None) and not cf_mode:
+        raise UserError("--localize/--mask_dilation work on --input/--from_dataset counterfactuals; add one of those "
+                        "or drop them")
+    if not 0.0 <= args.mask_threshold < 1.0:
+        raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
+    check_positive("--mask_dilation", args.mask_dilation, allow_zero=True)
+    check_positive("--preserve", args.preserve, allow_zero=True)
+    if args.preserve and not cf_mode:
+        raise UserError("--preserve works on --input/--from_dataset counterfactuals; add one of those or drop it")
     if args.no_guidance and cf_mode:
         raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
     stem, ext = os.path.splitext(args.output)
@@ -313,6 +398,11 @@ def main() -> int:
             raise UserError(f"--oracle_model '{oracle_path}' does not know attribute {attribute}; "
                             f"use the oracle trained with this model")
     target_index = o_ckpt["attr_names"].index(attribute) if o_ckpt else None
+    every = classifier is not None and classifier.cfg.num_outputs > 1
+    if args.preserve and not every:
+        raise UserError(f"--preserve needs a guide that knows every attribute, but '{args.classifier_model}' learned "
+                        f"only {attribute}; train one with train.py --guide_all_attributes, or drop --preserve")
+    preserve = (DEFAULT_PRESERVE if every else 0.0) if args.preserve is None else args.preserve
 
     if input_files is not None:
         x_in = torch.stack([load_image_file(f, size) for f in input_files])
@@ -329,17 +419,26 @@ def main() -> int:
     t_start = round(args.strength * T) - 1 if cf_mode else None        # t0 = strength * T (t = -1: the input)
     what = "counterfactuals" if cf_mode else "samples"
     print(f"{what}: {args.sampler.upper()}-{steps} on {device}, attribute {attribute} -> {args.target_label}, "
-          f"scales {scales if not args.no_guidance else 'none (unguided)'}")
+          f"scales {scales if not args.no_guidance else 'none (unguided)'}"
+          + (f", holding the other attributes (--preserve {preserve:g})" if cf_mode and preserve else "")
+          + (", localized (--localize)" if args.localize else ""))
     t0 = time.time()
     x_t0 = None
     if cf_mode:
         x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=steps, seed=args.seed,
                       batch_size=args.batch_size, device=device, amp=amp)
-    results = {scale: generate_images(net, diffusion, None if args.no_guidance else classifier, args.target_label,
-                                      scale, n=args.num_samples, x_t0=x_t0, t_start=t_start, sampler=args.sampler,
-                                      steps=steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                                      device=device, amp=amp)
-               for scale in scales}                                  # scale -> (N,3,S,S) on CPU
+    sample_kw = dict(sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                     device=device, amp=amp)
+    if cf_mode:                                                      # scale -> (N,3,S,S) on CPU, (N,1,S,S) masks
+        results, masks = make_counterfactuals(net, diffusion, classifier, args.target_label, scales, x_in, x_t0,
+                                              t_start, localize=args.localize, mask_threshold=args.mask_threshold,
+                                              mask_dilation=args.mask_dilation,
+                                              preserve=preserve if cf_mode and not args.no_guidance else 0.0,
+                                              **sample_kw)
+    else:
+        results = {scale: generate_images(net, diffusion, None if args.no_guidance else classifier,
+                                          args.target_label, scale, n=args.num_samples, **sample_kw)
+                   for scale in scales}
     seconds = time.time() - t0
 
     # judge: the guide's own verdict, and the independent oracle's
@@ -352,38 +451,43 @@ def main() -> int:
     summary, per_sample = {}, []
     if cf_mode:
         g_before, o_before = judge(x_in)
-        columns = []                               # (label, images) shown in the panels, left to right
+        columns = []                    # (label, images, guide p, oracle p, masks) in the panels, left to right
         retry_pick = None
         for scale in scales:
             g_after, o_after = judge(results[scale])
-            summary[f"scale_{scale:g}"] = counterfactual_metrics(
+            m = summary[f"scale_{scale:g}"] = counterfactual_metrics(
                 x_in, results[scale], o_before, o_after, g_after, target_index, args.target_label,
                 o_ckpt["attr_names"] if o_ckpt else None)
+            if args.localize:
+                m["mask_area"] = masks[scale].mean().item()
             flipped = (o_after[:, target_index] > 0.5) == bool(args.target_label) if o_after is not None \
                 else (g_after > 0.5)
             if args.retry_scales:                  # keep the first scale at which each image flipped
                 if retry_pick is None:
-                    retry_pick = results[scale].clone(), flipped.clone(), torch.full((len(flipped),), scale)
+                    retry_pick = (results[scale].clone(), masks[scale].clone(), flipped.clone(),
+                                  torch.full((len(flipped),), scale))
                 else:
-                    xr, fr, sr = retry_pick
+                    xr, mr, fr, sr = retry_pick
                     take = ~fr
-                    xr[take], sr[take], fr[take] = results[scale][take], scale, flipped[take]
-            columns.append((f"s={scale:g}", results[scale], g_after, o_after))
+                    xr[take], mr[take], sr[take], fr[take] = results[scale][take], masks[scale][take], scale, flipped[take]
+            columns.append((f"s={scale:g}", results[scale], g_after, o_after, masks[scale]))
         if retry_pick is not None and len(scales) > 1:
-            xr, fr, sr = retry_pick
+            xr, mr, fr, sr = retry_pick
             g_after, o_after = judge(xr)
             m = counterfactual_metrics(x_in, xr, o_before, o_after, g_after, target_index, args.target_label,
                                        o_ckpt["attr_names"] if o_ckpt else None)
             m["scale_used"] = {f"{s:g}": int((sr == s).sum()) for s in scales}
+            if args.localize:
+                m["mask_area"] = mr.mean().item()
             summary["retry"] = m
-            columns.append(("retry", xr, g_after, o_after))
+            columns.append(("retry", xr, g_after, o_after, mr))
             retry_scale_used = sr
         # panels: original | (counterfactual | difference) per column, one row per image
         tiles = []
         x_u8 = to_uint8(x_in)
         for i in range(x_in.shape[0]):
             tiles.append(x_u8[i])
-            for _, xc, _, _ in columns:
+            for _, xc, _, _, _ in columns:
                 tiles.append(to_uint8(xc[i:i + 1])[0])
                 diff = ((xc[i] - x_in[i]).abs().mean(0) / 2).numpy()              # (S,S) in [0, 1]
                 tiles.append(heatmap(diff / max(diff.max(), 1e-3)))
@@ -392,12 +496,14 @@ def main() -> int:
             rec = {"index": i, "name": name,
                    "guide_p_target_before": _f(g_before, i), "oracle_p_target_before": _o(o_before, i, target_index,
                                                                                           args.target_label)}
-            for label, xc, g_after, o_after in columns:
+            for label, xc, g_after, o_after, mc in columns:
                 fname = f"{i:04d}_{name}_{label.replace('=', '')}.png"
                 atomic_save_image(_pil(xc[i]), os.path.join(folder, fname))
                 rec[label] = {"file": fname, "guide_p_target": _f(g_after, i),
                               "oracle_p_target": _o(o_after, i, target_index, args.target_label),
                               "l1": ((x_in[i] - xc[i]).abs() / 2).mean().item()}
+                if args.localize:
+                    rec[label]["mask_area"] = round(mc[i].mean().item(), 4)
                 if label == "retry":
                     rec[label]["scale"] = float(retry_scale_used[i])
             per_sample.append(rec)
@@ -429,7 +535,8 @@ def main() -> int:
     atomic_save_image(grid, args.output)
     report = {"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling", "attribute": attribute,
               "target_label": args.target_label, "sampler": args.sampler, "steps": steps,
-              "strength": args.strength if cf_mode else None, "seconds": round(seconds, 2),
+              "strength": args.strength if cf_mode else None, "preserve": preserve if cf_mode else None,
+              "seconds": round(seconds, 2),
               "guide": args.classifier_model if classifier is not None else None, "oracle": oracle_path,
               "summary": summary, "samples": per_sample}
     json_path = stem + ".json"
@@ -467,6 +574,8 @@ def print_summary(summary, cf_mode, attribute, target, has_oracle, steered):
             if "flip_rate_guide" in s:
                 line.append(f"flip rate (guiding classifier) {s['flip_rate_guide']:.1%}")
             line.append(f"L1 {s['l1_mean']:.4f} ± {s['l1_std']:.4f}")
+            if "mask_area" in s:
+                line.append(f"mask {s['mask_area']:.1%} of the image")
         else:
             if "oracle_target_rate" in s:
                 line.append(f"oracle (independent): {s['oracle_target_rate']:.1%} of {s['n']} are {want}, "

@@ -77,6 +77,9 @@ def get_parser() -> argparse.ArgumentParser:
     add_unet_args(p)
     p.add_argument("--dropout", type=float, default=0.1, help="UNet dropout")
     p.add_argument("--classifier_channels", type=int, default=64, help="guiding classifier width")
+    p.add_argument("--guide_all_attributes", action="store_true",
+                   help="the guiding classifier also learns every other attribute (multi-label), so generate.py "
+                        "--preserve can hold them fixed while it steers --attribute")
     p.add_argument("--oracle_width", type=int, default=32, help="oracle width of its first stage")
     # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="batch size per process")
@@ -84,7 +87,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle_epochs", type=int, default=5, help="epochs for the oracle (0 skips)")
     p.add_argument("--diffusion_epochs", type=int, default=50, help="epochs for the diffusion model (0 skips)")
     p.add_argument("--lr", type=float, default=2e-4, help="diffusion learning rate (AdamW)")
-    p.add_argument("--classifier_lr", type=float, default=3e-4, help="classifier and oracle learning rate (AdamW)")
+    p.add_argument("--classifier_lr", type=float, default=3e-4, help="guiding classifier learning rate (AdamW)")
+    p.add_argument("--oracle_lr", type=float, default=1e-3, help="oracle learning rate (AdamW; BatchNorm nets take more)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="diffusion AdamW weight decay")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear learning-rate warm-up steps")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping")
@@ -114,6 +118,7 @@ def check_args(args) -> None:
         check_positive("--" + name, getattr(args, name), allow_zero=True)
     check_positive("--lr", args.lr)
     check_positive("--classifier_lr", args.classifier_lr)
+    check_positive("--oracle_lr", args.oracle_lr)
     check_positive("--grad_clip", args.grad_clip)
     if not 0.0 < args.subset_fraction <= 1.0:
         raise UserError(f"--subset_fraction must be in (0, 1], got {args.subset_fraction}")
@@ -134,10 +139,12 @@ def unet_config(args) -> UNetConfig:
                       num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn_resolutions, dropout=args.dropout)
 
 
-def classifier_config(args) -> ClassifierConfig:
+def classifier_config(args, num_attributes: int, attr_idx: int) -> ClassifierConfig:
     levels = max(1, min(4, int(np.log2(args.image_size)) - 1))     # stop at a 4x4 (or larger) map
+    every = args.guide_all_attributes
     return ClassifierConfig(image_size=args.image_size, base_channels=args.classifier_channels,
-                            channel_mult=(1, 2, 2, 4)[:levels])
+                            channel_mult=(1, 2, 2, 4)[:levels], num_outputs=num_attributes if every else 1,
+                            target_index=attr_idx if every else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,20 +431,22 @@ def update_ema(ema, model, decay: float, step: int) -> None:
 
 
 @torch.no_grad()
-def classifier_accuracy(model, diffusion, split, attr_idx, t_value, run, batch_size=256) -> float:
-    """Accuracy of the noise-aware classifier on q_sample(x_0, t) with fixed noise (t = 0: clean)."""
+def classifier_accuracy(model, diffusion, split, attr_idx, t_value, run, batch_size=256, all_outputs=False):
+    """Accuracy of the noise-aware classifier on q_sample(x_0, t) with fixed noise (t = 0: clean).
+
+    -> float for the steered attribute, or with ``all_outputs`` (an all-attribute guide) a (A,) tensor."""
     g = torch.Generator(device="cpu").manual_seed(1234 + t_value)
     correct = 0
     for i in range(0, len(split), batch_size):
         x0 = to_float(split.images[i:i + batch_size]).to(run.device)
-        y = split.attrs[i:i + batch_size, attr_idx].to(run.device)
+        y = split.attrs[i:i + batch_size] if all_outputs else split.attrs[i:i + batch_size, attr_idx]
         t = torch.full((x0.shape[0],), t_value, device=run.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=g).to(run.device)
         x_t = diffusion.q_sample(x0, t, noise) if t_value > 0 else x0
         with run.autocast:
-            logits = model(x_t, t).float()
-        correct += ((logits > 0).long() == y.long()).sum().item()
-    return correct / len(split)
+            logits = model(x_t, t, all_outputs=all_outputs).float().cpu()
+        correct = correct + ((logits > 0).long() == y.long()).float().sum(0)
+    return correct / len(split) if all_outputs else correct.item() / len(split)
 
 
 @torch.no_grad()
@@ -515,7 +524,7 @@ def main() -> int:
     # 1. guiding classifier p_phi(y | x_t, t), trained on q_sample(x_0, t) with t uniform
     if args.classifier_epochs > 0 and "classifier" not in done:
         seed_everything(args.seed)
-        cfg = classifier_config(args)
+        cfg = classifier_config(args, len(names), attr_idx)
         net = NoisyClassifier(cfg).to(device)
         model = wrap(net, run)
         opt = make_optimizer(net.parameters(), args.classifier_lr, 0.05, device)
@@ -526,6 +535,8 @@ def main() -> int:
         def classifier_step(x0, attrs):
             t = torch.randint(0, args.timesteps, (x0.shape[0],), device=device)
             x_t = diffusion.q_sample(x0, t, torch.randn_like(x0))                    # DDPM Eq. 4
+            if args.guide_all_attributes:                                              # every attribute
+                return F.binary_cross_entropy_with_logits(model(x_t, t, all_outputs=True).float(), attrs.float())
             return F.binary_cross_entropy_with_logits(model(x_t, t).float(), attrs[:, attr_idx].float())
 
         def classifier_epoch_end(epoch, record):
@@ -545,9 +556,18 @@ def main() -> int:
         net.load_state_dict(best["model"])
         test = {f"test_acc_t{t}": round(classifier_accuracy(net, diffusion, test_set, attr_idx, t, run), 4)
                 for t in eval_timesteps(args.timesteps)}
+        if args.guide_all_attributes:                 # every head, clean and at T/4, to see which ones are weak
+            for t in eval_timesteps(args.timesteps)[:2]:
+                acc = classifier_accuracy(net, diffusion, test_set, attr_idx, t, run, all_outputs=True)
+                test[f"test_acc_all_t{t}"] = {n: round(a, 4) for n, a in zip(names, acc.tolist())}
         run.log({"stage": "classifier", "final": True, **test})
         if run.main:
-            print("classifier test accuracy: " + ", ".join(f"t={k.split('_t')[1]}: {v:.1%}" for k, v in test.items()))
+            print("classifier test accuracy: " + ", ".join(f"t={k.split('_t')[1]}: {v:.1%}" for k, v in test.items()
+                                                           if not k.startswith("test_acc_all")))
+            for k, v in test.items():
+                if k.startswith("test_acc_all"):
+                    print(f"  every attribute at t={k.split('_t')[-1]}: "
+                          + ", ".join(f"{n} {a:.1%}" for n, a in v.items()))
         del model, net, opt
 
     # 2. oracle: clean images, all attributes, other architecture and seed; never used for guidance
@@ -558,7 +578,7 @@ def main() -> int:
         if world > 1:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) if device.type == "cuda" else net
         model = wrap(net, run)
-        opt = make_optimizer(net.parameters(), args.classifier_lr, 0.05, device)
+        opt = make_optimizer(net.parameters(), args.oracle_lr, 0.05, device)
         state = {"best_acc": -1.0}
 
         def oracle_step(x, attrs):
@@ -575,7 +595,7 @@ def main() -> int:
                 out["saved"] = "oracle_best.pth"
             return out
 
-        fit(run, "oracle", {"model": model}, opt, train_set, args.oracle_epochs, args.classifier_lr,
+        fit(run, "oracle", {"model": model}, opt, train_set, args.oracle_epochs, args.oracle_lr,
             oracle_step, oracle_epoch_end, state)
         best = load_checkpoint(os.path.join(args.output_dir, "oracle_best.pth"), "oracle")
         net.load_state_dict(best["model"])

@@ -1,12 +1,18 @@
 """Counterfactual evaluation: flip rate, MNAC and L1 over strengths x guidance scales, in both directions.
 
     python benchmarks/counterfactuals.py --run_dir runs/toyfaces --device cpu
+    python benchmarks/counterfactuals.py --run_dir runs/toyfaces --device cpu --localize
     python benchmarks/counterfactuals.py --run_dir runs/celeba --n 1000 --strengths 0.3 0.5 0.7 --scales 2 4 8
 
 For each direction (toward 1 on test images without the attribute, toward 0 on images with it), each
 --strengths value and each --scales value, it makes counterfactuals of the same --n test images and
 prints one table: flip rate by the independent oracle, flip rate by the guiding classifier (not an
 independent judge), MNAC (mean number of other oracle attributes changed) and the per-pixel L1 on [0, 1].
+--localize adds the ACE-style mask (see generate.py --localize).
+
+On toyfaces the true counterfactual of every test face is known (the same face redrawn with only the
+attribute changed), so the table also gives the L1 distance to it, and a "truth" row per direction: the
+oracle's verdict on the true counterfactuals, i.e. the best flip rate and MNAC this oracle can report.
 """
 import json
 import os
@@ -15,9 +21,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from common import ArgumentParser, autocast, resolve_device  # noqa: E402
-from generate import (counterfactual_metrics, dataset_inputs, encode, generate_images, guide_probability,  # noqa: E402
-                      load_run, oracle_probabilities)
+from dataset import to_float, toyface_counterfactuals  # noqa: E402
+from generate import (DEFAULT_PRESERVE, counterfactual_metrics, dataset_inputs, encode, guide_probability,  # noqa: E402
+                      load_run, make_counterfactuals, oracle_probabilities)
 
 
 def main():
@@ -29,6 +38,12 @@ def main():
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="sampler")
     p.add_argument("--steps", type=int, default=100, help="steps over the full schedule")
     p.add_argument("--invert", action="store_true", help="reach x_t0 by DDIM inversion (use with --sampler ddim)")
+    p.add_argument("--localize", action="store_true", help="ACE-style mask: repaint only where guidance changed")
+    p.add_argument("--mask_threshold", type=float, default=0.05, help="with --localize: see generate.py")
+    p.add_argument("--mask_dilation", type=int, default=None, help="with --localize: pixels (default: size / 32)")
+    p.add_argument("--preserve", type=float, default=None,
+                   help="hold the other attributes with this weight (default: generate.py's with a guide that knows "
+                        "them all, else 0)")
     p.add_argument("--targets", type=int, nargs="+", default=[1, 0], help="directions to evaluate")
     p.add_argument("--batch_size", type=int, default=64, help="sampling batch size")
     p.add_argument("--device", default="cuda", help="device")
@@ -40,39 +55,65 @@ def main():
     net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt = load_run(args.run_dir, device)
     names, k, T = o_ckpt["attr_names"], o_ckpt["attr_names"].index(c_ckpt["attribute"]), diffusion.num_timesteps
     amp = autocast(device, args.precision)
+    toy = d_ckpt["dataset"] == "toyfaces"
+    preserve = args.preserve if args.preserve is not None else (DEFAULT_PRESERVE if clf.cfg.num_outputs > 1 else 0.0)
     rows = []
+
+    def add_row(m, target, strength, scale, x_cf, x_true, seconds):
+        if x_true is not None:
+            m["l1_to_truth"] = ((x_cf - x_true).abs() / 2).mean().item()
+        m.update(target=target, strength=strength, scale=scale, seconds=seconds)
+        rows.append(m)
+        print(f"  {c_ckpt['attribute']} -> {target}  strength {_g(strength)}  scale {_g(scale)}: flip (oracle) "
+              f"{m['flip_rate_oracle']:.1%}  flip (guide) {m['flip_rate_guide']:.1%}  MNAC {m['mnac']:.2f}  "
+              f"L1 {m['l1_mean']:.3f}  ({seconds:.0f} s)", flush=True)
+
     for target in args.targets:
-        x_in, _ = dataset_inputs(d_ckpt, args.n, target, None)
+        x_in, names_in = dataset_inputs(d_ckpt, args.n, target, None)
         o_before = oracle_probabilities(oracle, x_in.to(device))
+        x_true = None
+        if toy:           # the exact counterfactuals: what a perfect editor returns, judged by the same oracle
+            x_true = to_float(torch.from_numpy(toyface_counterfactuals(
+                names_in, "test", d_ckpt["image_size"], d_ckpt["args"].get("seed", 0), c_ckpt["attribute"], target)))
+            m = counterfactual_metrics(x_in, x_true, o_before, oracle_probabilities(oracle, x_true.to(device)),
+                                       guide_probability(clf, x_true.to(device), target), k, target, names)
+            add_row(m, target, "truth", "-", x_true, x_true, 0.0)
         for strength in args.strengths:
             t_start = round(strength * T) - 1
             t0 = time.time()
             x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=args.steps,
                           batch_size=args.batch_size, device=device, amp=amp)       # once for all scales
-            encode_seconds = time.time() - t0
+            results, masks = make_counterfactuals(
+                net, diffusion, clf, target, args.scales, x_in, x_t0, t_start, localize=args.localize,
+                mask_threshold=args.mask_threshold, mask_dilation=args.mask_dilation, preserve=preserve,
+                sampler=args.sampler, steps=args.steps,
+                batch_size=args.batch_size, device=device, amp=amp)
+            seconds = (time.time() - t0) / len(args.scales)
             for scale in args.scales:
-                t0 = time.time()
-                x_cf = generate_images(net, diffusion, clf, target, scale, x_t0=x_t0, t_start=t_start,
-                                       sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
-                                       device=device, amp=amp)
+                x_cf = results[scale]
                 m = counterfactual_metrics(x_in, x_cf, o_before, oracle_probabilities(oracle, x_cf.to(device)),
                                            guide_probability(clf, x_cf.to(device), target), k, target, names)
-                m.update(target=target, strength=strength, scale=scale, seconds=time.time() - t0 + encode_seconds)
-                rows.append(m)
-                print(f"  {c_ckpt['attribute']} -> {target}  strength {strength:.2f}  scale {scale:g}: flip (oracle) "
-                      f"{m['flip_rate_oracle']:.1%}  flip (guide) {m['flip_rate_guide']:.1%}  MNAC {m['mnac']:.2f}  "
-                      f"L1 {m['l1_mean']:.3f}  ({m['seconds']:.0f} s)", flush=True)
-    print(f"\n{d_ckpt['dataset']} {d_ckpt['image_size']}px, {args.sampler.upper()}-{args.steps}, "
+                m["mask_area"] = masks[scale].mean().item()
+                add_row(m, target, strength, scale, x_cf, x_true, seconds)
+    print(f"\n{d_ckpt['dataset']} {d_ckpt['image_size']}px, {args.sampler.upper()}-{args.steps}"
+          f"{', DDIM inversion' if args.invert else ''}{', localized (ACE mask)' if args.localize else ''}"
+          f"{f', preserving the other attributes (weight {preserve:g})' if preserve else ''}, "
           f"{args.n} test images per direction\n")
-    print("| target | strength | scale | flip rate (oracle) | flip rate (guide) | MNAC | L1 mean ± std |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target | strength | scale | flip rate (oracle) | flip rate (guide) | MNAC | L1 mean ± std |"
+          + (" L1 to truth |" if toy else "") + (" mask area |" if args.localize else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if toy else "") + ("---|" if args.localize else ""))
     for m in rows:
-        print(f"| {c_ckpt['attribute']}={m['target']} | {m['strength']:g} | {m['scale']:g} | "
+        print(f"| {c_ckpt['attribute']}={m['target']} | {_g(m['strength'])} | {_g(m['scale'])} | "
               f"{m['flip_rate_oracle']:.1%} | {m['flip_rate_guide']:.1%} | {m['mnac']:.2f} | "
-              f"{m['l1_mean']:.3f} ± {m['l1_std']:.3f} |")
+              f"{m['l1_mean']:.3f} ± {m['l1_std']:.3f} |" + (f" {m['l1_to_truth']:.3f} |" if toy else "")
+              + (f" {m.get('mask_area', 0):.1%} |" if args.localize else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
+            json.dump({"rows": rows, "args": vars(args), "preserve": preserve}, f, indent=2)
+
+
+def _g(v) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
 
 
 if __name__ == "__main__":

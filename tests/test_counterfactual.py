@@ -9,8 +9,8 @@ from PIL import Image
 
 from classifier import Oracle, OracleConfig
 from common import load_checkpoint
-from generate import counterfactual_metrics, load_oracle
-from fakes import assert_ok, run
+from generate import counterfactual_metrics, edit_mask, load_oracle
+from fakes import TINY, assert_ok, assert_user_error, run
 
 
 def test_counterfactuals_from_the_test_split(toy_run, tmp_path):
@@ -69,6 +69,43 @@ def test_inverted_counterfactuals_without_guidance_reconstruct(toy_run, tmp_path
     assert report["summary"]["scale_0"]["l1_mean"] < 0.2
 
 
+def test_localized_counterfactuals_keep_the_input_outside_the_mask(toy_run, tmp_path):
+    out, _ = toy_run
+    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+               out / "classifier_best.pth", "--from_dataset", 4, "--target_label", 0, "--guidance_scale", 50,
+               "--localize", "--mask_threshold", 0.002, "--mask_dilation", 0, "--strength", 0.5, "--steps", 20,
+               "--device", "cpu", "--output", tmp_path / "loc.png")
+    assert_ok(proc)
+    report = json.loads((tmp_path / "loc.json").read_text())
+    s = report["summary"]["scale_50"]
+    assert 0 < s["mask_area"] < 1 and "mask" in proc.stdout
+    inputs = tmp_path / "inputs"
+    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+               out / "classifier_best.pth", "--from_dataset", 4, "--target_label", 0, "--strength", 0,
+               "--device", "cpu", "--output", inputs.with_suffix(".png"))      # strength 0 writes the inputs
+    assert_ok(proc)
+    kept = []
+    for rec, rec0 in zip(report["samples"], json.loads(inputs.with_suffix(".json").read_text())["samples"]):
+        x = np.asarray(Image.open(tmp_path / "loc" / rec["s=50"]["file"])).astype(int)
+        x0 = np.asarray(Image.open(inputs / rec0["s=3"]["file"])).astype(int)
+        same = (np.abs(x - x0).max(-1) == 0).mean()                      # share of pixels left exactly as they were
+        assert same >= 1 - rec["s=50"]["mask_area"] - 1e-4          # mask_area is rounded to 4 digits
+        kept.append(same)
+    assert min(kept) < 1                                                 # and something did change
+
+
+def test_edit_mask_closed_form():
+    x_u = torch.zeros(1, 3, 9, 9)
+    x_g = x_u.clone()
+    x_g[0, :, 4, 4] = 2.0                     # one pixel changed by 1.0 on the [0, 1] scale
+    m = edit_mask(x_g, x_u, threshold=0.1, dilation=0)
+    # the 3x3 mean is 1/9 on the pixel's 3x3 neighbourhood (> 0.1) and 0 elsewhere
+    assert m.shape == (1, 1, 9, 9) and m[0, 0, 3:6, 3:6].eq(1).all() and m.sum() == 9
+    assert edit_mask(x_g, x_u, threshold=0.2, dilation=0).sum() == 0     # 1/9 < 0.2
+    assert edit_mask(x_g, x_u, threshold=0.1, dilation=1)[0, 0, 2:7, 2:7].eq(1).all()
+    assert edit_mask(x_g, x_u, threshold=0.1, dilation=1).sum() == 25
+
+
 def test_metrics_on_hand_built_cases():
     x = torch.zeros(4, 3, 2, 2)
     x_cf = x.clone()
@@ -103,3 +140,32 @@ def test_oracle_checkpoint_round_trip(toy_run):
     with torch.no_grad():
         assert torch.equal(net(x), again(x))
     assert net(x).shape == (2, 5)
+
+
+def test_guide_over_all_attributes_holds_the_others(toy_run, tmp_path):
+    """train.py --guide_all_attributes gives a 5-output guide; generate.py then holds the other attributes
+    (--preserve, default 0.3 with such a guide) and says so; a one-attribute guide refuses --preserve."""
+    out, _ = toy_run
+    guide_dir = tmp_path / "guide"
+    assert_ok(run("train.py", "--dataset", "toyfaces", *TINY, "--classifier_epochs", 1, "--oracle_epochs", 0,
+                  "--diffusion_epochs", 0, "--max_steps_per_epoch", 3, "--subset_fraction", 0.02,
+                  "--guide_all_attributes", "--output_dir", guide_dir))
+    ckpt = load_checkpoint(str(guide_dir / "classifier_best.pth"), "classifier")
+    assert ckpt["config"]["num_outputs"] == 5 and ckpt["config"]["target_index"] == 0
+    args = ["generate.py", "--diffusion_model", out / "diffusion_final.pth", "--oracle_model", out / "oracle_best.pth",
+            "--classifier_model", guide_dir / "classifier_best.pth", "--from_dataset", 3, "--strength", 0.3,
+            "--steps", 10, "--guidance_scale", 20, "--device", "cpu"]
+    default = run(*args, "--output", tmp_path / "default.png")
+    assert_ok(default)
+    assert "holding the other attributes (--preserve 0.3)" in default.stdout
+    assert json.loads((tmp_path / "default.json").read_text())["preserve"] == 0.3
+    off = run(*args, "--preserve", 0, "--output", tmp_path / "off.png")
+    assert_ok(off)
+    assert json.loads((tmp_path / "off.json").read_text())["preserve"] == 0 and "holding" not in off.stdout
+    a = np.asarray(Image.open(tmp_path / "default.png"))
+    assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "off.png")))     # the extra guidance acted
+    refused = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+                  out / "classifier_best.pth", "--from_dataset", 3, "--preserve", 1, "--device", "cpu",
+                  "--output", tmp_path / "refused.png")
+    assert_user_error(refused, "--guide_all_attributes")
+    assert not (tmp_path / "refused.png").exists()

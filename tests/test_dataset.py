@@ -301,6 +301,22 @@ def test_toyface_attribute_changes_only_its_region(name, size):
     assert min(inside) > {"Bangs": 0.7, "Eyeglasses": 0.85}.get(name, 0.9), inside
 
 
+def test_toyface_counterfactuals_are_the_same_faces_redrawn():
+    names = ["toyface_000003", "toyface_000010"]
+    for value in (0, 1):
+        cf = ds.toyface_counterfactuals(names, "test", 16, 0, "Smiling", value)
+        assert cf.shape == (2, 3, 16, 16) and cf.dtype == np.uint8
+        for name, img in zip(names, cf):
+            i = int(name.split("_")[1])
+            original, attrs = ds.draw_toyface((0, ds.SPLITS.index("test"), i), 16)
+            if attrs[0] == value:                        # already has the value: the counterfactual is the face
+                assert np.array_equal(img, original.transpose(2, 0, 1))
+            else:
+                assert not np.array_equal(img, original.transpose(2, 0, 1))
+                expected, a = ds.draw_toyface((0, ds.SPLITS.index("test"), i), 16, {"Smiling": value})
+                assert np.array_equal(img, expected.transpose(2, 0, 1)) and a[0] == value
+
+
 def test_toyface_canvas_sizes():
     for size in (8, 16, 64):
         img, attrs = ds.draw_toyface((0, 0, 0), size)
