@@ -542,8 +542,13 @@ def main() -> int:
         def classifier_epoch_end(epoch, record):
             accs = {f"valid_acc_t{t}": round(classifier_accuracy(net, diffusion, valid_set, attr_idx, t, run), 4)
                     for t in eval_timesteps(args.timesteps)}
-            if accs["valid_acc_t0"] > state["best_acc"]:
-                state["best_acc"] = accs["valid_acc_t0"]
+            score = accs["valid_acc_t0"]
+            if args.guide_all_attributes:     # every head matters for --preserve; clean accuracy saturates early
+                score = accs["valid_mean_acc_all"] = round(torch.cat([
+                    classifier_accuracy(net, diffusion, valid_set, attr_idx, t, run, all_outputs=True)
+                    for t in eval_timesteps(args.timesteps)[:2]]).mean().item(), 4)     # t = 0 and T/4
+            if score > state["best_acc"]:
+                state["best_acc"] = score
                 run.save(make_checkpoint("classifier", cfg, net.state_dict(), diffusion=asdict(diffusion_cfg),
                                          optimizer=opt.state_dict(), epoch=epoch, step=record["step"],
                                          valid_acc=accs, **meta), "classifier_best.pth")

@@ -152,6 +152,9 @@ def test_guide_over_all_attributes_holds_the_others(toy_run, tmp_path):
                   "--guide_all_attributes", "--output_dir", guide_dir))
     ckpt = load_checkpoint(str(guide_dir / "classifier_best.pth"), "classifier")
     assert ckpt["config"]["num_outputs"] == 5 and ckpt["config"]["target_index"] == 0
+    log = [json.loads(line) for line in (guide_dir / "train_log.jsonl").read_text().splitlines()]
+    assert 0 <= log[0]["valid_mean_acc_all"] <= 1                   # the checkpoint is chosen on every head
+    assert set(log[-1]["test_acc_all_t0"]) == {"Smiling", "Eyeglasses", "Bangs", "Mouth_Slightly_Open", "Goatee"}
     args = ["generate.py", "--diffusion_model", out / "diffusion_final.pth", "--oracle_model", out / "oracle_best.pth",
             "--classifier_model", guide_dir / "classifier_best.pth", "--from_dataset", 3, "--strength", 0.3,
             "--steps", 10, "--guidance_scale", 20, "--device", "cpu"]
