@@ -85,7 +85,8 @@ def get_parser() -> ArgumentParser:
                         "guidance that holds every other attribute at the guide's verdict on the input "
                         "(default 0.3 with such a guide, 0 otherwise; 0: off)")
     p.add_argument("--retry_scales", action="store_true",
-                   help="counterfactuals: retry images that did not flip at the next larger scale (as DiME)")
+                   help="counterfactuals: retry images that did not flip, by the guide's verdict, at the next larger "
+                        "scale (as DiME; the oracle only judges)")
     return p
 
 
@@ -460,8 +461,7 @@ def main() -> int:
                 o_ckpt["attr_names"] if o_ckpt else None)
             if args.localize:
                 m["mask_area"] = masks[scale].mean().item()
-            flipped = (o_after[:, target_index] > 0.5) == bool(args.target_label) if o_after is not None \
-                else (g_after > 0.5)
+            flipped = g_after > 0.5     # the guide decides retries (as DiME); the oracle only judges the result
             if args.retry_scales:                  # keep the first scale at which each image flipped
                 if retry_pick is None:
                     retry_pick = (results[scale].clone(), masks[scale].clone(), flipped.clone(),

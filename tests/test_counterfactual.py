@@ -27,6 +27,9 @@ def test_counterfactuals_from_the_test_split(toy_run, tmp_path):
         assert set(s["changed_per_attribute"]) == {"Eyeglasses", "Bangs", "Mouth_Slightly_Open", "Goatee"}
         assert 0 <= s["flip_rate_oracle"] <= 1 and 0 <= s["mnac"] <= 4 and s["l1_mean"] > 0
     assert sum(report["summary"]["retry"]["scale_used"].values()) == 5
+    for rec in report["samples"]:        # the guide, never the oracle, picks the scale: the first one it calls flipped
+        flipped = [s for s in (1, 8) if rec[f"s={s}"]["guide_p_target"] > 0.5]
+        assert rec["retry"]["scale"] == (flipped[0] if flipped else 8)
     sample = report["samples"][0]
     assert {"guide_p_target_before", "oracle_p_target_before", "s=1", "s=8", "retry"} <= set(sample)
     assert sample["s=8"]["file"] == f"0000_{sample['name']}_s8.png"
