@@ -431,22 +431,23 @@ def update_ema(ema, model, decay: float, step: int) -> None:
 
 
 @torch.no_grad()
-def classifier_accuracy(model, diffusion, split, attr_idx, t_value, run, batch_size=256, all_outputs=False):
-    """Accuracy of the noise-aware classifier on q_sample(x_0, t) with fixed noise (t = 0: clean).
+def classifier_accuracy(model, diffusion, split, attr_idx, t_value, run, batch_size=256) -> torch.Tensor:
+    """Per-output accuracy of the noise-aware classifier on q_sample(x_0, t) with fixed noise (t = 0: clean).
 
-    -> float for the steered attribute, or with ``all_outputs`` (an all-attribute guide) a (A,) tensor."""
+    -> (A,) for an all-attribute guide, (1,) for one that learns only the attribute ``attr_idx``."""
+    columns = slice(None) if model.cfg.num_outputs > 1 else [attr_idx]
     g = torch.Generator(device="cpu").manual_seed(1234 + t_value)
     correct = 0
     for i in range(0, len(split), batch_size):
         x0 = to_float(split.images[i:i + batch_size]).to(run.device)
-        y = split.attrs[i:i + batch_size] if all_outputs else split.attrs[i:i + batch_size, attr_idx]
+        y = split.attrs[i:i + batch_size][:, columns]                                 # (B, A) or (B, 1)
         t = torch.full((x0.shape[0],), t_value, device=run.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=g).to(run.device)
         x_t = diffusion.q_sample(x0, t, noise) if t_value > 0 else x0
         with run.autocast:
-            logits = model(x_t, t, all_outputs=all_outputs).float().cpu()
-        correct = correct + ((logits > 0).long() == y.long()).float().sum(0)
-    return correct / len(split) if all_outputs else correct.item() / len(split)
+            logits = model(x_t, t, all_outputs=True).float().cpu()
+        correct = correct + ((logits > 0) == y.bool()).float().sum(0)
+    return correct / len(split)
 
 
 @torch.no_grad()
@@ -539,14 +540,20 @@ def main() -> int:
                 return F.binary_cross_entropy_with_logits(model(x_t, t, all_outputs=True).float(), attrs.float())
             return F.binary_cross_entropy_with_logits(model(x_t, t).float(), attrs[:, attr_idx].float())
 
-        def classifier_epoch_end(epoch, record):
-            accs = {f"valid_acc_t{t}": round(classifier_accuracy(net, diffusion, valid_set, attr_idx, t, run), 4)
+        def guide_accuracy(split):
+            """{t: per-output accuracy} at the evaluation timesteps, one pass over ``split`` each."""
+            return {t: classifier_accuracy(net, diffusion, split, attr_idx, t, run)
                     for t in eval_timesteps(args.timesteps)}
+
+        k = 0 if cfg.num_outputs == 1 else cfg.target_index          # the steered attribute's column
+        every_head = eval_timesteps(args.timesteps)[:2]               # t = 0 and T/4
+
+        def classifier_epoch_end(epoch, record):
+            acc = guide_accuracy(valid_set)
+            accs = {f"valid_acc_t{t}": round(a[k].item(), 4) for t, a in acc.items()}
             score = accs["valid_acc_t0"]
             if args.guide_all_attributes:     # every head matters for --preserve; clean accuracy saturates early
-                score = accs["valid_mean_acc_all"] = round(torch.cat([
-                    classifier_accuracy(net, diffusion, valid_set, attr_idx, t, run, all_outputs=True)
-                    for t in eval_timesteps(args.timesteps)[:2]]).mean().item(), 4)     # t = 0 and T/4
+                score = accs["valid_mean_acc_all"] = round(torch.cat([acc[t] for t in every_head]).mean().item(), 4)
             if score > state["best_acc"]:
                 state["best_acc"] = score
                 run.save(make_checkpoint("classifier", cfg, net.state_dict(), diffusion=asdict(diffusion_cfg),
@@ -559,20 +566,17 @@ def main() -> int:
             classifier_step, classifier_epoch_end, state)
         best = load_checkpoint(os.path.join(args.output_dir, "classifier_best.pth"), "classifier")
         net.load_state_dict(best["model"])
-        test = {f"test_acc_t{t}": round(classifier_accuracy(net, diffusion, test_set, attr_idx, t, run), 4)
-                for t in eval_timesteps(args.timesteps)}
-        if args.guide_all_attributes:                 # every head, clean and at T/4, to see which ones are weak
-            for t in eval_timesteps(args.timesteps)[:2]:
-                acc = classifier_accuracy(net, diffusion, test_set, attr_idx, t, run, all_outputs=True)
-                test[f"test_acc_all_t{t}"] = {n: round(a, 4) for n, a in zip(names, acc.tolist())}
-        run.log({"stage": "classifier", "final": True, **test})
+        acc = guide_accuracy(test_set)
+        test = {f"test_acc_t{t}": round(a[k].item(), 4) for t, a in acc.items()}
+        heads = {f"test_acc_all_t{t}": {n: round(a, 4) for n, a in zip(names, acc[t].tolist())}
+                 for t in every_head} if args.guide_all_attributes else {}     # which heads are weak
+        run.log({"stage": "classifier", "final": True, **test, **heads})
         if run.main:
-            print("classifier test accuracy: " + ", ".join(f"t={k.split('_t')[1]}: {v:.1%}" for k, v in test.items()
-                                                           if not k.startswith("test_acc_all")))
-            for k, v in test.items():
-                if k.startswith("test_acc_all"):
-                    print(f"  every attribute at t={k.split('_t')[-1]}: "
-                          + ", ".join(f"{n} {a:.1%}" for n, a in v.items()))
+            print("classifier test accuracy: "
+                  + ", ".join(f"t={key.split('_t')[1]}: {v:.1%}" for key, v in test.items()))
+            for key, v in heads.items():
+                print(f"  every attribute at t={key.split('_t')[-1]}: "
+                      + ", ".join(f"{n} {a:.1%}" for n, a in v.items()))
         del model, net, opt
 
     # 2. oracle: clean images, all attributes, other architecture and seed; never used for guidance
