@@ -113,7 +113,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # token layout first, so q/k/v are contiguous in the head dim and SDPA can use its fused kernels
+        # token layout: with channels_last activations (CUDA, see train.py) this is a view with q/k/v contiguous
+        # in the head dim, so SDPA can use its fused kernels; NCHW (CPU) gives strided q/k/v and the math kernel
         qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)    # (B,3C,H,W) -> (B, HW, 3C)
         q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)                # each (B, heads, HW, C/heads)

@@ -36,7 +36,7 @@ from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_STRENGTH = 0.5
 DEFAULT_STEPS = 100
-DEFAULT_PRESERVE = 0.3     # weight of the other attributes' guidance, from the measurements in the README
+DEFAULT_PRESERVE = 0.1     # weight of the other attributes' guidance, from the measurements in the README
 
 
 def get_parser() -> ArgumentParser:
@@ -83,7 +83,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--preserve", type=float, default=None,
                    help="counterfactuals with a guide trained by train.py --guide_all_attributes: weight of the "
                         "guidance that holds every other attribute at the guide's verdict on the input "
-                        "(default 0.3 with such a guide, 0 otherwise; 0: off)")
+                        f"(default {DEFAULT_PRESERVE:g} with such a guide, 0 otherwise; 0: off)")
     p.add_argument("--retry_scales", action="store_true",
                    help="counterfactuals: retry images that did not flip, by the guide's verdict, at the next larger "
                         "scale (as DiME; the oracle only judges)")

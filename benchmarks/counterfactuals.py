@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import ArgumentParser, autocast, resolve_device  # noqa: E402
+from common import ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
 from dataset import to_float, toyface_counterfactuals  # noqa: E402
 from generate import (DEFAULT_PRESERVE, counterfactual_metrics, dataset_inputs, encode, guide_probability,  # noqa: E402
                       load_run, make_counterfactuals, oracle_probabilities)
@@ -50,6 +50,14 @@ def main():
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="bf16 autocast")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    for name in ("n", "steps", "batch_size"):
+        check_positive("--" + name, getattr(args, name))
+    for s in args.scales:
+        check_positive("--scales", s, allow_zero=True)
+    if any(not 0 <= s <= 1 for s in args.strengths):
+        raise UserError(f"--strengths must lie in [0, 1], got {args.strengths}; e.g. --strengths 0.3 0.5 0.7")
+    if any(t not in (0, 1) for t in args.targets):
+        raise UserError(f"--targets must be 0 or 1, got {args.targets}; e.g. --targets 1 0")
 
     device = resolve_device(args.device, "sampling")
     net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt = load_run(args.run_dir, device)
@@ -117,4 +125,4 @@ def _g(v) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

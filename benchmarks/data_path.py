@@ -185,7 +185,7 @@ def main() -> int:
                 "cache": train_run(lambda: finish(images[torch.randint(len(images), (bs,), device=images.device)],
                                                   device), step, args.steps, bs, device),
             }
-            del it, loader                                                 # stops the workers
+            it = loader = None                                             # stops the workers
             for k, (w, ips, ms) in results.items():
                 wait[k].append(w)
                 train_ips[k].append(ips)

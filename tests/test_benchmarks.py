@@ -94,3 +94,32 @@ def test_counterfactuals_benchmark_with_toyfaces_ground_truth(toy_run, tmp_path)
     result = json.loads((tmp_path / "cf.json").read_text())["rows"]
     assert [r["strength"] for r in result] == ["truth", 0.3, 0.3]
     assert all(0 <= r["mask_area"] <= 1 for r in result[1:]) and result[0]["n"] == 3
+
+
+def test_sampling_benchmark(toy_run, tmp_path):
+    """Every config row, the per-step guided/unguided timing, and the oracle rates are fractions."""
+    out, _ = toy_run
+    proc = run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm:10", "ddim:5",
+               "--num_samples", 2, "--batch_size", 2, "--step_repeats", 2, "--json", tmp_path / "s.json")
+    assert_ok(proc)
+    header, rows = table(proc.stdout)
+    assert header[:4] == ["sampler", "s/image guided", "s/image unguided", "guided/unguided time"]
+    assert list(rows) == ["DDPM-10", "DDIM-5"]
+    assert rows["DDPM-10"][4] == "1.0x" and float(rows["DDIM-5"][4].rstrip("x")) > 0     # speed-up vs the first
+    assert all(0 <= float(c.rstrip("%")) <= 100 for r in rows.values() for c in r[5:8])
+    assert "guided/unguided" in proc.stdout and "interleaved pairs" in proc.stdout
+    result = json.loads((tmp_path / "s.json").read_text())
+    step = result["step"]
+    assert step["repeats"] == 2 and step["guided_s"] > 0 and step["unguided_s"] > 0 and step["ratio"] > 0
+    assert 0 <= result["base_rate"] <= 1 and len(result["rows"]) == 2
+
+
+def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_path):
+    out, _ = toy_run
+    assert_user_error(run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm-10"),
+                      "--configs", "ddpm:1000")
+    assert_user_error(run("benchmarks/sampling.py", "--run_dir", tmp_path, "--device", "cpu"), "diffusion_final.pth")
+    assert_user_error(run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--strengths", 1.5),
+                      "--strengths", "[0, 1]")
+    assert_user_error(run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--targets", 2),
+                      "--targets")

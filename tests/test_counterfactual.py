@@ -9,7 +9,7 @@ from PIL import Image
 
 from classifier import Oracle, OracleConfig
 from common import load_checkpoint
-from generate import counterfactual_metrics, edit_mask, load_oracle
+from generate import DEFAULT_PRESERVE, counterfactual_metrics, edit_mask, load_oracle
 from fakes import TINY, assert_ok, assert_user_error, run
 
 
@@ -147,7 +147,7 @@ def test_oracle_checkpoint_round_trip(toy_run):
 
 def test_guide_over_all_attributes_holds_the_others(toy_run, tmp_path):
     """train.py --guide_all_attributes gives a 5-output guide; generate.py then holds the other attributes
-    (--preserve, default 0.3 with such a guide) and says so; a one-attribute guide refuses --preserve."""
+    (--preserve, default DEFAULT_PRESERVE with such a guide) and says so; a one-attribute guide refuses --preserve."""
     out, _ = toy_run
     guide_dir = tmp_path / "guide"
     assert_ok(run("train.py", "--dataset", "toyfaces", *TINY, "--classifier_epochs", 1, "--oracle_epochs", 0,
@@ -163,8 +163,8 @@ def test_guide_over_all_attributes_holds_the_others(toy_run, tmp_path):
             "--steps", 10, "--guidance_scale", 20, "--device", "cpu"]
     default = run(*args, "--output", tmp_path / "default.png")
     assert_ok(default)
-    assert "holding the other attributes (--preserve 0.3)" in default.stdout
-    assert json.loads((tmp_path / "default.json").read_text())["preserve"] == 0.3
+    assert f"holding the other attributes (--preserve {DEFAULT_PRESERVE:g})" in default.stdout
+    assert json.loads((tmp_path / "default.json").read_text())["preserve"] == DEFAULT_PRESERVE
     off = run(*args, "--preserve", 0, "--output", tmp_path / "off.png")
     assert_ok(off)
     assert json.loads((tmp_path / "off.json").read_text())["preserve"] == 0 and "holding" not in off.stdout
