@@ -88,9 +88,22 @@ def make_cond_fn(classifier: nn.Module, target_labels, guidance_scale, keep=None
     :returns: cond_fn(x_t, t) -> s * grad_{x_t} log p_phi(y | x_t, t), shape of x_t.
     """
 
+    on_device = {}                 # targets, scales and kept values, moved to the sampler's device once
+
+    def constants(device):
+        if device not in on_device:
+            others = None
+            if keep is not None:                 # the held attributes: every output but the steered one
+                k = classifier.cfg.target_index
+                others = torch.tensor([j for j in range(keep.shape[1]) if j != k], device=device)
+            on_device[device] = (torch.as_tensor(target_labels, device=device),
+                                 torch.as_tensor(guidance_scale, device=device, dtype=torch.float32),
+                                 None if keep is None else keep.to(device)[:, others], others)
+        return on_device[device]
+
     def cond_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = torch.as_tensor(target_labels, device=x_t.device).expand(x_t.shape[0])
-        s = torch.as_tensor(guidance_scale, device=x_t.device, dtype=torch.float32)
+        y, s, kept, others = constants(x_t.device)
+        y = y.expand(x_t.shape[0])
         s = s.expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.dim() - 1)))        # (B,) -> (B,1,1,1)
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
@@ -98,10 +111,8 @@ def make_cond_fn(classifier: nn.Module, target_labels, guidance_scale, keep=None
                 lp = log_prob(classifier(x_in, t).float(), y)                   # (B,)
             else:
                 logits = classifier(x_in, t, all_outputs=True).float()         # (B, A)
-                k = classifier.cfg.target_index
-                others = [j for j in range(logits.shape[1]) if j != k]
-                lp = (log_prob(logits[:, k], y)
-                      + keep_weight * log_prob(logits[:, others], keep[:, others].to(x_t.device)).sum(1))
+                lp = (log_prob(logits[:, classifier.cfg.target_index], y)
+                      + keep_weight * log_prob(logits[:, others], kept).sum(1))   # (B, A-1) -> (B,)
             grad = torch.autograd.grad(lp.sum(), x_in)[0]                       # (B,3,S,S)
         return s * grad.float()
 

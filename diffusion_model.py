@@ -233,14 +233,9 @@ class DiffusionConfig:
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
-    """Per-sample coefficients a[t] (a float64 table), broadcastable to ``shape``: (B,) -> (B, 1, 1, 1).
-
-    The gather and the coefficient arithmetic stay in float64 (float32 on MPS, which has no float64);
-    callers cast the final coefficient to the image dtype.
-    """
-    dtype = torch.float32 if t.device.type == "mps" else torch.float64
-    out = a.to(device=t.device, dtype=dtype)[t]
-    return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
+    """Per-sample coefficients a[t], broadcastable to ``shape``: (B,) -> (B, 1, 1, 1). ``a`` is a schedule table
+    already on t's device (``GaussianDiffusion.table``); callers cast the final coefficient to the image dtype."""
+    return a[t].reshape(t.shape[0], *([1] * (len(shape) - 1)))
 
 
 class GaussianDiffusion:
@@ -263,22 +258,37 @@ class GaussianDiffusion:
         self.posterior_variance = f64(betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod))
         self.posterior_mean_coef1 = f64(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
         self.posterior_mean_coef2 = f64((1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
+        self._on_device = {}
+
+    def table(self, a: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The schedule table ``a`` on ``device``, copied there once and kept: a host-to-device copy in every
+        step would make the host wait for the GPU each time. float64 (float32 on MPS, which has no float64),
+        so the coefficient arithmetic stays exact until the final cast to the image dtype."""
+        key = (id(a), str(device))
+        if key not in self._on_device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._on_device[key] = a.to(device=device, dtype=dtype)
+        return self._on_device[key]
+
+    def coef(self, a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
+        """a[t] for the batch of timesteps t (B,), as (B, 1, 1, 1): ``extract`` from the table on t's device."""
+        return extract(self.table(a, t.device), t, shape)
 
     def alpha_bar(self, t: torch.Tensor, shape) -> torch.Tensor:
         """alphas_cumprod[t] for t in [-1, T-1], broadcastable to shape."""
-        return extract(self._ac_with_one, t + 1, shape)
+        return self.coef(self._ac_with_one, t + 1, shape)
 
     # -- forward process ----------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.                                 DDPM Eq. 4"""
-        return (extract(self.sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype) * x0
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype) * noise)
+        return (self.coef(self.sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype) * x0
+                + self.coef(self.sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype) * noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x_0).                                   DDPM Eq. 6-7"""
-        mean = (extract(self.posterior_mean_coef1, t, x_t.shape).to(x_t.dtype) * x0
-                + extract(self.posterior_mean_coef2, t, x_t.shape).to(x_t.dtype) * x_t)
-        return mean, extract(self.posterior_variance, t, x_t.shape).to(x_t.dtype)
+        mean = (self.coef(self.posterior_mean_coef1, t, x_t.shape).to(x_t.dtype) * x0
+                + self.coef(self.posterior_mean_coef2, t, x_t.shape).to(x_t.dtype) * x_t)
+        return mean, self.coef(self.posterior_variance, t, x_t.shape).to(x_t.dtype)
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
                       noise: Optional[torch.Tensor] = None) -> torch.Tensor:

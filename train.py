@@ -327,6 +327,8 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
     for epoch in range(start_epoch, epochs):
         model.train()
         order = epoch_order(len(split), args.seed, stage, epoch, run.rank, run.world)
+        # the epoch's indices where the images and the labels live, copied once: no host-device copy per step
+        order_images, order_attrs = order.to(images.device), order.to(attrs.device)
         t0, loss_sum, n_loss = time.time(), torch.zeros((), device=device), 0
         bar = tqdm(range(start_batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not run.main,
                    initial=start_batch, total=steps_per_epoch, leave=False)
@@ -335,7 +337,7 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
             idx = order[b * bs:(b + 1) * bs]
             if run.world > 1:
                 seen.append(idx)
-            xb = images[idx.to(images.device)]
+            xb = images[order_images[b * bs:(b + 1) * bs]]
             if device.type == "cuda" and not on_device:
                 xb = xb.pin_memory()                                       # lets the copy below overlap
             xb = xb.to(device, non_blocking=True)
@@ -345,7 +347,7 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
             for group in optimizer.param_groups:                           # linear warm-up
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
             with run.autocast:
-                loss = step_fn(x, attrs[idx.to(attrs.device)])
+                loss = step_fn(x, attrs[order_attrs[b * bs:(b + 1) * bs]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from classifier import ClassifierConfig, NoisyClassifier, log_prob, make_cond_fn
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, timestep_embedding
@@ -287,3 +289,45 @@ def test_keep_guidance_is_the_gradient_of_the_product_of_experts():
     plain = make_cond_fn(clf, y, s)(x, t)
     assert torch.allclose(make_cond_fn(clf, y, s, keep=keep, keep_weight=0.0)(x, t), plain, atol=1e-10)
     assert not torch.allclose(make_cond_fn(clf, y, s, keep=keep, keep_weight=w)(x, t), plain)
+
+
+class HostInputs(TorchDispatchMode):
+    """Records every op that reads a host (CPU) tensor. With the models on another device, each such op is a
+    host-to-device copy: on CUDA it makes the host wait for the GPU, which the sampling and training loops
+    must never do per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in tree_flatten((args, kwargs))[0]):
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_hot_loop_makes_no_host_to_device_copies():
+    """A training step, and guided DDPM and DDIM steps (with held attributes), run on the "meta" device read
+    nothing from the host once warm: the schedule tables and the guidance constants are moved once."""
+    dev = torch.device("meta")
+    net = tiny_unet().to(dev)
+    clf = NoisyClassifier(ClassifierConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_outputs=3)).to(dev)
+    diffusion = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    x = torch.randn(4, 3, 16, 16, device=dev)
+    t = torch.full((4,), 50, device=dev)
+    cond_fn = make_cond_fn(clf, 1, 3.0, keep=torch.ones(4, 3), keep_weight=0.1)
+
+    def steps():
+        diffusion.training_loss(net, x).backward()
+        diffusion.p_sample(net, x, t, t - 1, cond_fn)
+        diffusion.ddim_sample(net, x, t, t - 1, 0.5, cond_fn)
+
+    steps()                                                  # warm-up: the one-time copies happen here
+    with HostInputs() as record:
+        steps()
+    assert record.ops == []
+    diffusion.table = lambda a, device: a.to(device)        # copying the tables at every call is caught
+    with HostInputs() as record:
+        steps()
+    assert "aten._to_copy.default" in record.ops
