@@ -113,8 +113,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # token layout: with channels_last activations (CUDA, see train.py) this is a view with q/k/v contiguous
-        # in the head dim, so SDPA can use its fused kernels; NCHW (CPU) gives strided q/k/v and the math kernel
+        # token layout: with a channels_last model (CUDA, see train.py) the 1x1 conv's output is channels_last and
+        # this is a view with q/k/v contiguous in the head dim, so SDPA can use its fused kernels; an NCHW model
+        # (the CPU) gives strided q/k/v and the math kernel
         qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)    # (B,3C,H,W) -> (B, HW, 3C)
         q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)                # each (B, heads, HW, C/heads)
@@ -260,35 +261,35 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = f64((1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
         self._on_device = {}
 
-    def table(self, a: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The schedule table ``a`` on ``device``, copied there once and kept: a host-to-device copy in every
-        step would make the host wait for the GPU each time. float64 (float32 on MPS, which has no float64),
-        so the coefficient arithmetic stays exact until the final cast to the image dtype."""
-        key = (id(a), str(device))
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The schedule table ``self.<name>`` on ``device``, copied there once and kept: a host-to-device copy
+        in every step would make the host wait for the GPU each time. float64 (float32 on MPS, which has no
+        float64), so the coefficient arithmetic stays exact until the final cast to the image dtype."""
+        key = (name, str(device))
         if key not in self._on_device:
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            self._on_device[key] = a.to(device=device, dtype=dtype)
+            self._on_device[key] = getattr(self, name).to(device=device, dtype=dtype)
         return self._on_device[key]
 
-    def coef(self, a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
-        """a[t] for the batch of timesteps t (B,), as (B, 1, 1, 1): ``extract`` from the table on t's device."""
-        return extract(self.table(a, t.device), t, shape)
+    def coef(self, name: str, t: torch.Tensor, shape) -> torch.Tensor:
+        """self.<name>[t] for the batch of timesteps t (B,), as (B, 1, 1, 1): ``extract`` on t's device."""
+        return extract(self.table(name, t.device), t, shape)
 
     def alpha_bar(self, t: torch.Tensor, shape) -> torch.Tensor:
         """alphas_cumprod[t] for t in [-1, T-1], broadcastable to shape."""
-        return self.coef(self._ac_with_one, t + 1, shape)
+        return self.coef("_ac_with_one", t + 1, shape)
 
     # -- forward process ----------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.                                 DDPM Eq. 4"""
-        return (self.coef(self.sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype) * x0
-                + self.coef(self.sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype) * noise)
+        return (self.coef("sqrt_alphas_cumprod", t, x0.shape).to(x0.dtype) * x0
+                + self.coef("sqrt_one_minus_alphas_cumprod", t, x0.shape).to(x0.dtype) * noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x_0).                                   DDPM Eq. 6-7"""
-        mean = (self.coef(self.posterior_mean_coef1, t, x_t.shape).to(x_t.dtype) * x0
-                + self.coef(self.posterior_mean_coef2, t, x_t.shape).to(x_t.dtype) * x_t)
-        return mean, self.coef(self.posterior_variance, t, x_t.shape).to(x_t.dtype)
+        mean = (self.coef("posterior_mean_coef1", t, x_t.shape).to(x_t.dtype) * x0
+                + self.coef("posterior_mean_coef2", t, x_t.shape).to(x_t.dtype) * x_t)
+        return mean, self.coef("posterior_variance", t, x_t.shape).to(x_t.dtype)
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
                       noise: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -101,6 +101,11 @@ def main():
 
     device = resolve_device(args.device, "sampling")
     net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt = load_run(args.run_dir, device)
+    T = diffusion.num_timesteps
+    for cfg, (_, steps, _) in zip(args.configs, configs):
+        if steps > T:
+            raise UserError(f"--configs entry {cfg!r} asks for {steps} steps but the model's schedule has {T}; "
+                            f"use at most {T}")
     k = o_ckpt["attr_names"].index(c_ckpt["attribute"])
     a = d_ckpt["args"]
     test = load_split(d_ckpt["dataset"], "test", d_ckpt["image_size"], a["data_root"], a["subset_fraction"],
@@ -118,6 +123,13 @@ def main():
               f"(median of {args.step_repeats} interleaved pairs)", flush=True)
 
     rows = []
+
+    def write_json():                  # after every row, so a run stopped part-way keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"base_rate": base_rate, "rows": rows, "step": step, "args": vars(args)}, f, indent=2)
+
+    write_json()
     for sampler, steps, eta in configs:
         row = {"config": f"{sampler.upper()}-{steps}" + (f" (eta {eta:g})" if eta else "")}
         for name, target, scale in (("toward 1", 1, args.guidance_scale), ("toward 0", 0, args.guidance_scale),
@@ -135,6 +147,7 @@ def main():
                   f"{sec:7.1f} s  ({sec / args.num_samples:.3f} s/image)", flush=True)
         row["guided_over_unguided_time"] = row["toward 1"]["seconds"] / row["unguided"]["seconds"]
         rows.append(row)
+        write_json()
 
     ref = rows[0]
     print(f"\n| sampler | s/image guided | s/image unguided | guided/unguided time | speed-up vs {ref['config']} "
@@ -146,9 +159,6 @@ def main():
               f"{r['toward 1']['oracle_rate']:.1%} | {r['toward 0']['oracle_rate']:.1%} | "
               f"{r['unguided']['oracle_rate']:.1%} | "
               f"{100 * (r['toward 1']['oracle_rate'] - ref['toward 1']['oracle_rate']):+.1f} pts |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"base_rate": base_rate, "rows": rows, "step": step, "args": vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":

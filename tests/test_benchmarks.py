@@ -118,6 +118,8 @@ def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_pa
     out, _ = toy_run
     assert_user_error(run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm-10"),
                       "--configs", "ddpm:1000")
+    assert_user_error(run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm:5000"),
+                      "ddpm:5000", "at most 100")
     assert_user_error(run("benchmarks/sampling.py", "--run_dir", tmp_path, "--device", "cpu"), "diffusion_final.pth")
     assert_user_error(run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--strengths", 1.5),
                       "--strengths", "[0, 1]")
