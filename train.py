@@ -334,10 +334,10 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
                    initial=start_batch, total=steps_per_epoch, leave=False)
         seen = []                                                         # data indices this rank used
         for b in bar:
-            idx = order[b * bs:(b + 1) * bs]
+            batch = slice(b * bs, (b + 1) * bs)
             if run.world > 1:
-                seen.append(idx)
-            xb = images[order_images[b * bs:(b + 1) * bs]]
+                seen.append(order[batch])
+            xb = images[order_images[batch]]
             if device.type == "cuda" and not on_device:
                 xb = xb.pin_memory()                                       # lets the copy below overlap
             xb = xb.to(device, non_blocking=True)
@@ -347,7 +347,7 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
             for group in optimizer.param_groups:                           # linear warm-up
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
             with run.autocast:
-                loss = step_fn(x, attrs[order_attrs[b * bs:(b + 1) * bs]])
+                loss = step_fn(x, attrs[order_attrs[batch]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
