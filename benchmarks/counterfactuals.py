@@ -48,6 +48,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=64, help="sampling batch size")
     p.add_argument("--device", default="cuda", help="device")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="bf16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="seed of the encoding and sampling noise")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     for name in ("n", "steps", "batch_size"):
@@ -89,12 +90,12 @@ def main():
         for strength in args.strengths:
             t_start = round(strength * T) - 1
             t0 = time.time()
-            x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=args.steps,
+            x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=args.steps, seed=args.seed,
                           batch_size=args.batch_size, device=device, amp=amp)       # once for all scales
             results, masks = make_counterfactuals(
                 net, diffusion, clf, target, args.scales, x_in, x_t0, t_start, localize=args.localize,
                 mask_threshold=args.mask_threshold, mask_dilation=args.mask_dilation, preserve=preserve,
-                sampler=args.sampler, steps=args.steps,
+                sampler=args.sampler, steps=args.steps, seed=args.seed,
                 batch_size=args.batch_size, device=device, amp=amp)
             seconds = (time.time() - t0) / len(args.scales)
             for scale in args.scales:

@@ -82,7 +82,8 @@ def test_data_path_rejects_too_few_images():
 def test_counterfactuals_benchmark_with_toyfaces_ground_truth(toy_run, tmp_path):
     out, _ = toy_run
     proc = run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--n", 3, "--strengths", 0.3,
-               "--scales", 5, 20, "--steps", 10, "--targets", 1, "--localize", "--json", tmp_path / "cf.json")
+               "--scales", 5, 20, "--steps", 10, "--targets", 1, "--localize", "--seed", 3,
+               "--json", tmp_path / "cf.json")
     assert_ok(proc)
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
             if line.startswith("|")]
@@ -91,7 +92,9 @@ def test_counterfactuals_benchmark_with_toyfaces_ground_truth(toy_run, tmp_path)
     truth, *edits = rows[2:]
     assert truth[:3] == ["Smiling=1", "truth", "-"] and truth[7] == "0.000"     # the truth is its own truth
     assert [r[2] for r in edits] == ["5", "20"] and all(float(r[7]) > 0 for r in edits)
-    result = json.loads((tmp_path / "cf.json").read_text())["rows"]
+    report = json.loads((tmp_path / "cf.json").read_text())
+    assert report["args"]["seed"] == 3
+    result = report["rows"]
     assert [r["strength"] for r in result] == ["truth", 0.3, 0.3]
     assert all(0 <= r["mask_area"] <= 1 for r in result[1:]) and result[0]["n"] == 3
 
