@@ -285,6 +285,12 @@ class GaussianDiffusion:
         return (self.coef("sqrt_alphas_cumprod", t, x0.shape).to(x0.dtype) * x0
                 + self.coef("sqrt_one_minus_alphas_cumprod", t, x0.shape).to(x0.dtype) * noise)
 
+    def q_jump(self, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x_s) for s < t: sqrt(a) x_s + sqrt(1 - a) eps with a = abar_t / abar_s (s = -1: x_s = x_0).
+        From DDPM Eq. 4 at s and at t; q_sample is the case s = -1."""
+        a = self.alpha_bar(t, x_s.shape) / self.alpha_bar(s, x_s.shape)
+        return a.sqrt().to(x_s.dtype) * x_s + (1 - a).sqrt().to(x_s.dtype) * noise
+
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x_0).                                   DDPM Eq. 6-7"""
         mean = (self.coef("posterior_mean_coef1", t, x_t.shape).to(x_t.dtype) * x0
@@ -399,7 +405,7 @@ class GaussianDiffusion:
     def sample(self, model: nn.Module, shape, *, sampler: str = "ddim", steps: Optional[int] = None,
                eta: float = 0.0, cond_fn: Optional[CondFn] = None, generator: Optional[torch.Generator] = None,
                x_t: Optional[torch.Tensor] = None, t_start: Optional[int] = None,
-               known: Optional[tuple] = None, device=None, progress: bool = True) -> torch.Tensor:
+               known: Optional[tuple] = None, resample: int = 1, device=None, progress: bool = True) -> torch.Tensor:
         """Run the reverse process from x_{t_start} (default: pure noise at T-1) down to x_0.
 
         :param model: eps_theta(x_t, t); never stored.
@@ -410,7 +416,10 @@ class GaussianDiffusion:
         :param x_t: start here instead of noise (counterfactuals: x_t = q_sample(x_0, t_start, eps)).
         :param known: (mask, x0_known), mask (B,1,H,W) in [0, 1] and x0_known (B,C,H,W): only where mask = 1
             is generated; elsewhere every x_{t_prev} is replaced by q_sample(x0_known, t_prev) with fresh
-            noise, and x_0 by x0_known itself (RePaint, Lugmayr et al. 2022, Eq. 8-10; no resampling).
+            noise, and x_0 by x0_known itself (RePaint, Lugmayr et al. 2022, Eq. 8-10).
+        :param resample: with ``known``, RePaint's resampling: each step is taken ``resample`` times, going back
+            from x_{t_prev} to x_t by the forward process in between (jump length 1), so the generated region
+            can agree with the known one (RePaint Alg. 1, U = resample). 1: no resampling.
         :returns: x_0 samples in [-1, 1], shape ``shape``.
         """
         if sampler not in ("ddpm", "ddim"):
@@ -424,13 +433,19 @@ class GaussianDiffusion:
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1
             tt = torch.full((B,), t, device=device, dtype=torch.long)
             tp = torch.full((B,), t_prev, device=device, dtype=torch.long)
-            if sampler == "ddpm":
-                x_t = self.p_sample(model, x_t, tt, tp, cond_fn, generator)
-            else:
-                x_t = self.ddim_sample(model, x_t, tt, tp, eta, cond_fn, generator)
-            if known is not None:
-                mask, x0_known = known
-                x_known = x0_known if t_prev < 0 else self.q_sample(
-                    x0_known, tp, torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype))
-                x_t = mask * x_t + (1 - mask) * x_known                       # RePaint Eq. 10
+            rounds = resample if known is not None and t_prev >= 0 else 1
+            for u in range(rounds):
+                if sampler == "ddpm":
+                    x_prev = self.p_sample(model, x_t, tt, tp, cond_fn, generator)
+                else:
+                    x_prev = self.ddim_sample(model, x_t, tt, tp, eta, cond_fn, generator)
+                if known is not None:
+                    mask, x0_known = known
+                    x_known = x0_known if t_prev < 0 else self.q_sample(
+                        x0_known, tp, torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype))
+                    x_prev = mask * x_prev + (1 - mask) * x_known                 # RePaint Eq. 10
+                if u + 1 < rounds:                                                # RePaint Alg. 1, line 9
+                    x_t = self.q_jump(x_prev, tp, tt, torch.randn(x_t.shape, generator=generator, device=device,
+                                                                  dtype=x_t.dtype))
+            x_t = x_prev
         return x_t.clamp(-1, 1)

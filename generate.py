@@ -80,6 +80,9 @@ def get_parser() -> ArgumentParser:
                         "3x3 pixels) that goes into the mask")
     p.add_argument("--mask_dilation", type=int, default=None,
                    help="with --localize: grow the mask by this many pixels (default: image size / 32)")
+    p.add_argument("--resample", type=int, default=1,
+                   help="with --localize: RePaint resampling, each step of the repainting run taken this many times "
+                        "(1: none; about that many times slower)")
     p.add_argument("--preserve", type=float, default=None,
                    help="counterfactuals with a guide trained by train.py --guide_all_attributes: weight of the "
                         "guidance that holds every other attribute at the guide's verdict on the input "
@@ -169,7 +172,7 @@ def encode(net, diffusion, x0: torch.Tensor, t_start: int, *, invert=False, step
 
 def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x_t0=None,
                     t_start=None, known=None, keep=None, keep_weight=1.0, sampler="ddim", steps=None, eta=0.0,
-                    seed=0, batch_size=64, device="cpu", amp=None) -> torch.Tensor:
+                    resample=1, seed=0, batch_size=64, device="cpu", amp=None) -> torch.Tensor:
     """Samples from noise, or counterfactuals from ``x_t0`` (see ``encode``), guided toward ``target`` at ``scale``.
 
     :param x_t0: (N,3,S,S) encoded inputs at step t_start; None samples ``n`` images from pure noise.
@@ -197,7 +200,7 @@ def generate_images(net, diffusion, classifier, target: int, scale: float, *, n:
         kb = None if known is None else tuple(k[i:i + b].to(device) for k in known)
         with amp or _no_autocast(device):
             x = diffusion.sample(net, x_t.shape, sampler=sampler, steps=steps, eta=eta, cond_fn=cond_fn,
-                                 generator=g, x_t=x_t, t_start=t_start, known=kb, device=device)
+                                 generator=g, x_t=x_t, t_start=t_start, known=kb, resample=resample, device=device)
         out.append(x.float().cpu())
     return torch.cat(out)
 
@@ -360,6 +363,10 @@ def main() -> int:
     if (args.localize or args.mask_dilation is not None) and not cf_mode:
         raise UserError("--localize/--mask_dilation work on --input/--from_dataset counterfactuals; add one of those "
                         "or drop them")
+    check_positive("--resample", args.resample)
+    if args.resample > 1 and not args.localize:
+        raise UserError("--resample works on --localize counterfactuals (it repaints the masked region); add "
+                        "--localize or drop --resample")
     if not 0.0 <= args.mask_threshold < 1.0:
         raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
     check_positive("--mask_dilation", args.mask_dilation, allow_zero=True)
@@ -430,6 +437,8 @@ def main() -> int:
                       batch_size=args.batch_size, device=device, amp=amp)
     sample_kw = dict(sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                      device=device, amp=amp)
+    if args.resample > 1:                                      # only the repainting run has a known region to use
+        sample_kw["resample"] = args.resample
     if cf_mode:                                                      # scale -> (N,3,S,S) on CPU, (N,1,S,S) masks
         results, masks = make_counterfactuals(net, diffusion, classifier, args.target_label, scales, x_in, x_t0,
                                               t_start, localize=args.localize, mask_threshold=args.mask_threshold,

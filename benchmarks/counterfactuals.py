@@ -48,10 +48,11 @@ def main():
     p.add_argument("--batch_size", type=int, default=64, help="sampling batch size")
     p.add_argument("--device", default="cuda", help="device")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="bf16 autocast")
+    p.add_argument("--resample", type=int, default=1, help="with --localize: RePaint resampling rounds per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the encoding and sampling noise")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
-    for name in ("n", "steps", "batch_size"):
+    for name in ("n", "steps", "batch_size", "resample"):
         check_positive("--" + name, getattr(args, name))
     for s in args.scales:
         check_positive("--scales", s, allow_zero=True)
@@ -95,7 +96,7 @@ def main():
             results, masks = make_counterfactuals(
                 net, diffusion, clf, target, args.scales, x_in, x_t0, t_start, localize=args.localize,
                 mask_threshold=args.mask_threshold, mask_dilation=args.mask_dilation, preserve=preserve,
-                sampler=args.sampler, steps=args.steps, seed=args.seed,
+                sampler=args.sampler, steps=args.steps, seed=args.seed, resample=args.resample,
                 batch_size=args.batch_size, device=device, amp=amp)
             seconds = (time.time() - t0) / len(args.scales)
             for scale in args.scales:

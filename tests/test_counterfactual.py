@@ -77,7 +77,7 @@ def test_localized_counterfactuals_keep_the_input_outside_the_mask(toy_run, tmp_
     proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
                out / "classifier_best.pth", "--from_dataset", 4, "--target_label", 0, "--guidance_scale", 50,
                "--localize", "--mask_threshold", 0.002, "--mask_dilation", 0, "--strength", 0.5, "--steps", 20,
-               "--device", "cpu", "--output", tmp_path / "loc.png")
+               "--resample", 2, "--device", "cpu", "--output", tmp_path / "loc.png")
     assert_ok(proc)
     report = json.loads((tmp_path / "loc.json").read_text())
     s = report["summary"]["scale_50"]

@@ -166,6 +166,8 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--localize"], ["--localize", "--input/--from_dataset"]),
     (["--mask_threshold", "1.5", "--from_dataset", "4"], ["--mask_threshold must be in [0, 1)"]),
     (["--mask_dilation", "-1", "--from_dataset", "4"], ["--mask_dilation must be >= 0"]),
+    (["--resample", "0", "--from_dataset", "4", "--localize"], ["--resample must be > 0"]),
+    (["--resample", "2", "--from_dataset", "4"], ["--resample", "--localize"]),
     (["--input", "nothere.png"], ["nothere.png", "does not exist"]),
     (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
       "celeba_classifier.pth", "--data_root", "nowhere"], ["CelebA not found"]),
