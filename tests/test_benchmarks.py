@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from fakes import ROOT, assert_ok, assert_user_error, run
+from fakes import ROOT, assert_ok, assert_user_error, run, run_here
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 TINY_UNET = ["--device", "cpu", "--precision", "fp32", "--image_size", "16", "--base_channels", "16",
@@ -117,14 +117,16 @@ def test_sampling_benchmark(toy_run, tmp_path):
     assert 0 <= result["base_rate"] <= 1 and len(result["rows"]) == 2
 
 
-def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_path):
+def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_path, capsys, monkeypatch):
     out, _ = toy_run
-    assert_user_error(run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm-10"),
-                      "--configs", "ddpm:1000")
-    assert_user_error(run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm:5000"),
-                      "ddpm:5000", "at most 100")
-    assert_user_error(run("benchmarks/sampling.py", "--run_dir", tmp_path, "--device", "cpu"), "diffusion_final.pth")
-    assert_user_error(run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--strengths", 1.5),
-                      "--strengths", "[0, 1]")
-    assert_user_error(run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--targets", 2),
-                      "--targets")
+
+    def bad(script, *args):
+        return run_here(script, "--device", "cpu", *args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+
+    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", out, "--configs", "ddpm-10"), "--configs", "ddpm:1000")
+    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", out, "--configs", "ddpm:5000"), "ddpm:5000",
+                      "at most 100")
+    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", tmp_path), "diffusion_final.pth")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--strengths", 1.5), "--strengths", "[0, 1]")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--targets", 2), "--targets")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--resample", 0), "--resample must be > 0")
