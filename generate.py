@@ -235,8 +235,7 @@ def make_counterfactuals(net, diffusion, classifier, target: int, scales: list, 
         mask_dilation = max(1, x_in.shape[-1] // 32)
     keep = None
     if preserve > 0:                                 # the guide's own clean-image verdicts (t = 0) on the inputs
-        keep = torch.cat([guide_attributes(classifier, x_in[i:i + 256].to(sample_kw.get("device", "cpu")))
-                          for i in range(0, x_in.shape[0], 256)])
+        keep = guide_attributes(classifier, x_in, sample_kw.get("device", "cpu"))
     run = lambda s, known=None: generate_images(net, diffusion, classifier, target, s, x_t0=x_t0, t_start=t_start,
                                                 known=known, keep=keep, keep_weight=preserve, **sample_kw)
     x_unguided = run(0.0) if localize and t_start >= 0 else None
@@ -267,10 +266,15 @@ def guide_probability(classifier, x0: torch.Tensor, target: int, batch_size: int
 
 
 @torch.no_grad()
-def guide_attributes(classifier, x0: torch.Tensor) -> torch.Tensor:
-    """The guide's 0/1 verdict on every attribute of clean images (a guide with several outputs). (N,3,S,S) -> (N,A)"""
-    t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-    return (classifier(x0, t, all_outputs=True).float() > 0).long().cpu()
+def guide_attributes(classifier, x0: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    """The guide's 0/1 verdict on every attribute of clean images (a guide with several outputs), in batches on
+    ``device``. (N,3,S,S) -> (N,A) on the CPU"""
+    out = []
+    for i in range(0, x0.shape[0], batch_size):
+        x = x0[i:i + batch_size].to(device)
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        out.append((classifier(x, t, all_outputs=True).float() > 0).long().cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

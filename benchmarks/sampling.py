@@ -26,11 +26,7 @@ from classifier import make_cond_fn  # noqa: E402
 from common import ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
 from dataset import load_split  # noqa: E402
 from generate import generate_images, load_run, oracle_probabilities  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from train_throughput import sync  # noqa: E402
 
 
 def parse_config(cfg: str) -> tuple:

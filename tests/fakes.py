@@ -66,8 +66,10 @@ def run_here(script, *args, cwd, capsys, monkeypatch):
     returns an object shaped like CompletedProcess. Uncaught exceptions propagate and fail the test."""
     import importlib
     import importlib.util
-    if "/" in script:                                   # a benchmark script: load it from its file
-        spec = importlib.util.spec_from_file_location(script[:-3].replace("/", "_"), os.path.join(ROOT, script))
+    if "/" in script:               # a benchmark script: load it from its file, its folder first on sys.path as
+        path = os.path.join(ROOT, script)                  # `python benchmarks/x.py` would have it
+        monkeypatch.syspath_prepend(os.path.dirname(path))
+        spec = importlib.util.spec_from_file_location(script[:-3].replace("/", "_"), path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
