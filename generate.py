@@ -254,34 +254,36 @@ def make_counterfactuals(net, diffusion, classifier, target: int, scales: list, 
 # Judging
 
 
-@torch.no_grad()
-def guide_probability(classifier, x0: torch.Tensor, target: int, batch_size: int = 256) -> torch.Tensor:
+def clean_batches(fn, x0: torch.Tensor, device=None, batch_size: int = 256) -> torch.Tensor:
+    """fn(x) for every batch x of clean images x0 (N,3,S,S), run on ``device`` (default: x0's), concatenated on
+    the CPU along the first dimension."""
+    device = x0.device if device is None else device
+    with torch.no_grad():
+        return torch.cat([fn(x0[i:i + batch_size].to(device)).cpu() for i in range(0, x0.shape[0], batch_size)])
+
+
+def at_t0(x: torch.Tensor) -> torch.Tensor:
+    """Timestep 0 for every image of the batch x: the guide judging clean images. (B,3,S,S) -> (B,)"""
+    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+
+def guide_probability(classifier, x0: torch.Tensor, target: int, device=None, batch_size: int = 256) -> torch.Tensor:
     """The guiding classifier's p(target | x_0) on clean images (t = 0). (N,3,S,S) -> (N,)"""
-    out = []
-    for i in range(0, x0.shape[0], batch_size):
-        x = x0[i:i + batch_size]
-        logit = classifier(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).float()
-        out.append(torch.sigmoid(logit if target == 1 else -logit).cpu())
-    return torch.cat(out)
+    def p_target(x):
+        logit = classifier(x, at_t0(x)).float()
+        return torch.sigmoid(logit if target == 1 else -logit)
+    return clean_batches(p_target, x0, device, batch_size)
 
 
-@torch.no_grad()
-def guide_attributes(classifier, x0: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
-    """The guide's 0/1 verdict on every attribute of clean images (a guide with several outputs), in batches on
-    ``device``. (N,3,S,S) -> (N,A) on the CPU"""
-    out = []
-    for i in range(0, x0.shape[0], batch_size):
-        x = x0[i:i + batch_size].to(device)
-        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        out.append((classifier(x, t, all_outputs=True).float() > 0).long().cpu())
-    return torch.cat(out)
+def guide_attributes(classifier, x0: torch.Tensor, device=None, batch_size: int = 256) -> torch.Tensor:
+    """The guide's 0/1 verdict on every attribute of clean images (a guide with several outputs). (N,3,S,S) -> (N,A)"""
+    return clean_batches(lambda x: (classifier(x, at_t0(x), all_outputs=True).float() > 0).long(), x0, device,
+                         batch_size)
 
 
-@torch.no_grad()
-def oracle_probabilities(oracle, x0: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def oracle_probabilities(oracle, x0: torch.Tensor, device=None, batch_size: int = 256) -> torch.Tensor:
     """The oracle's p(attribute present) for every attribute. (N,3,S,S) -> (N,A)"""
-    return torch.cat([torch.sigmoid(oracle(x0[i:i + batch_size]).float()).cpu()
-                      for i in range(0, x0.shape[0], batch_size)])
+    return clean_batches(lambda x: torch.sigmoid(oracle(x).float()), x0, device, batch_size)
 
 
 def counterfactual_metrics(x: torch.Tensor, x_cf: torch.Tensor, oracle_before: torch.Tensor | None,
@@ -440,9 +442,7 @@ def main() -> int:
         x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=steps, seed=args.seed,
                       batch_size=args.batch_size, device=device, amp=amp)
     sample_kw = dict(sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                     device=device, amp=amp)
-    if args.resample > 1:                                      # only the repainting run has a known region to use
-        sample_kw["resample"] = args.resample
+                     resample=args.resample, device=device, amp=amp)      # resample acts on the repainting run only
     if cf_mode:                                                      # scale -> (N,3,S,S) on CPU, (N,1,S,S) masks
         results, masks = make_counterfactuals(net, diffusion, classifier, args.target_label, scales, x_in, x_t0,
                                               t_start, localize=args.localize, mask_threshold=args.mask_threshold,
@@ -457,9 +457,8 @@ def main() -> int:
 
     # judge: the guide's own verdict, and the independent oracle's
     def judge(x):
-        x = x.to(device)
-        g = guide_probability(classifier, x, args.target_label) if classifier is not None else None
-        o = oracle_probabilities(oracle, x) if oracle is not None else None
+        g = guide_probability(classifier, x, args.target_label, device) if classifier is not None else None
+        o = oracle_probabilities(oracle, x, device) if oracle is not None else None
         return g, o
 
     summary, per_sample = {}, []

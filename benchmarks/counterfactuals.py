@@ -80,13 +80,13 @@ def main():
 
     for target in args.targets:
         x_in, names_in = dataset_inputs(d_ckpt, args.n, target, None)
-        o_before = oracle_probabilities(oracle, x_in.to(device))
+        o_before = oracle_probabilities(oracle, x_in, device)
         x_true = None
         if toy:           # the exact counterfactuals: what a perfect editor returns, judged by the same oracle
             x_true = to_float(torch.from_numpy(toyface_counterfactuals(
                 names_in, "test", d_ckpt["image_size"], d_ckpt["args"].get("seed", 0), c_ckpt["attribute"], target)))
-            m = counterfactual_metrics(x_in, x_true, o_before, oracle_probabilities(oracle, x_true.to(device)),
-                                       guide_probability(clf, x_true.to(device), target), k, target, names)
+            m = counterfactual_metrics(x_in, x_true, o_before, oracle_probabilities(oracle, x_true, device),
+                                       guide_probability(clf, x_true, target, device), k, target, names)
             add_row(m, target, "truth", "-", x_true, x_true, 0.0)
         for strength in args.strengths:
             t_start = round(strength * T) - 1
@@ -101,8 +101,8 @@ def main():
             seconds = (time.time() - t0) / len(args.scales)
             for scale in args.scales:
                 x_cf = results[scale]
-                m = counterfactual_metrics(x_in, x_cf, o_before, oracle_probabilities(oracle, x_cf.to(device)),
-                                           guide_probability(clf, x_cf.to(device), target), k, target, names)
+                m = counterfactual_metrics(x_in, x_cf, o_before, oracle_probabilities(oracle, x_cf, device),
+                                           guide_probability(clf, x_cf, target, device), k, target, names)
                 m["mask_area"] = masks[scale].mean().item()
                 add_row(m, target, strength, scale, x_cf, x_true, seconds)
     print(f"\n{d_ckpt['dataset']} {d_ckpt['image_size']}px, {args.sampler.upper()}-{args.steps}"

@@ -137,7 +137,7 @@ def main():
                                 device=device, amp=amp)
             sync(device)
             sec = time.time() - t0
-            rate = (oracle_probabilities(oracle, x.to(device))[:, k] > 0.5).float().mean().item()
+            rate = (oracle_probabilities(oracle, x, device)[:, k] > 0.5).float().mean().item()
             row[name] = {"oracle_rate": rate, "seconds": sec, "s_per_image": sec / args.num_samples}
             print(f"  {row['config']:>10} {name:>9}: oracle {c_ckpt['attribute']} rate {rate:6.1%}  "
                   f"{sec:7.1f} s  ({sec / args.num_samples:.3f} s/image)", flush=True)
