@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from classifier import ClassifierConfig, NoisyClassifier, log_prob, make_cond_fn
-from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, timestep_embedding
+from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, dropout, timestep_embedding
 
 T = 1000
 
@@ -189,6 +189,55 @@ def test_unet_shapes_and_config_check():
     assert UNetConfig(image_size=64).check() is None
     with pytest.raises(ValueError):
         UNet(UNetConfig(image_size=30))
+
+
+def test_attention_paths_agree_with_the_formula():
+    """The CPU's channel-major matmul path and the SDPA path (CUDA's) are both softmax(Q K^T / sqrt(d)) V of
+    the 1x1-conv projections, values and gradients alike (float64, so only the order of sums differs)."""
+    torch.manual_seed(0)
+    blk = AttnBlock(32, num_heads=4, groups=8).double()
+    with torch.no_grad():                                   # proj starts at zero: give it weights to test
+        blk.proj.weight.normal_(0, 0.2)
+        blk.proj.bias.normal_(0, 0.2)
+    x = torch.randn(2, 32, 4, 6, dtype=torch.float64)
+    # the formula, token-major: (B, HW, C) -> per head (B, heads, HW, d)
+    tokens = blk.norm(x).flatten(2).transpose(1, 2)
+    q, k, v = (tokens @ w.flatten(1).T + b for w, b in zip(blk.qkv.weight.chunk(3), blk.qkv.bias.chunk(3)))
+    q, k, v = (m.view(2, 24, 4, 8).transpose(1, 2) for m in (q, k, v))
+    o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v                 # (B, heads, HW, d)
+    o = o.transpose(1, 2).reshape(2, 24, 32) @ blk.proj.weight.flatten(1).T + blk.proj.bias
+    expected = x + o.transpose(1, 2).reshape(2, 32, 4, 6)
+    grads = []
+    for forward in (blk.forward_matmul, blk.forward_sdpa):
+        xi = x.clone().requires_grad_()
+        y = forward(xi)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+        blk.zero_grad()
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in blk.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert blk(x).equal(blk.forward_matmul(x))                # the CPU takes the matmul path
+
+
+def test_dropout_is_inverted_dropout():
+    x = torch.full((200_000,), 2.0)
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+    torch.manual_seed(0)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert torch.allclose(y[kept], torch.tensor(2.0 / 0.7))                # survivors scaled by 1 / (1 - p)
+    assert abs(1 - kept.double().mean().item() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / x.numel())   # 4 sigma
+    torch.manual_seed(0)
+    assert dropout(x, 0.3, training=True).equal(y)                        # reproducible from the seed
+    net = UNet(UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=(), dropout=0.5, groups=4))
+    for m in net.modules():                                                # non-zero last convs: dropout shows
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0, 0.3)
+    xt, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    assert not net.train()(xt, t).equal(net(xt, t))
+    assert net.eval()(xt, t).equal(net(xt, t))
 
 
 def test_timestep_embedding_distinguishes_steps():
