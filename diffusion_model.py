@@ -80,14 +80,16 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by 1/(1-p).
 
-    ``F.dropout`` on the CUDA; on the CPU the mask comes from a uniform draw, which is about 1.8x cheaper than
-    the CPU ``bernoulli_`` behind ``F.dropout`` (8% of a training step there). Same distribution either way.
+    On the CPU the mask is a float32 uniform draw compared with p, about 1.8x cheaper than the CPU
+    ``bernoulli_`` behind ``F.dropout`` (8% of a training step there); ``F.dropout`` on other devices.
+    Same distribution either way (float32, so a bf16 input does not coarsen p).
     """
     if not training or p == 0.0:
         return x
-    if x.is_cuda:
+    if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return x * ((torch.rand_like(x) >= p) * (1.0 / (1.0 - p)))
+    keep = torch.rand_like(x, dtype=torch.float32) >= p
+    return x * (keep.to(x.dtype) * (1.0 / (1.0 - p)))
 
 
 class ResBlock(nn.Module):
@@ -105,6 +107,9 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
+    def extra_repr(self) -> str:
+        return f"p_drop={self.p_drop}"
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb(F.silu(temb))[:, :, None, None]          # (B, Co) -> (B, Co, 1, 1)
@@ -117,10 +122,10 @@ class AttnBlock(nn.Module):
 
     q/k/v and the output projection are 1x1 convolutions (their weights, (C', C, 1, 1), are the checkpoint
     format). Two implementations of the same function, picked by device:
-      - CUDA: the model is channels_last (train.py), so the 1x1 conv output viewed as tokens (B, HW, 3C) is
-        contiguous in the head dim and ``F.scaled_dot_product_attention`` takes a fused (flash / memory-
-        efficient) kernel;
-      - elsewhere (the CPU): channel-major matrix products, which need no token-major copy at all. On the CPU
+      - CUDA (and any other accelerator): the model is channels_last on CUDA (train.py), so the 1x1 conv
+        output viewed as tokens (B, HW, 3C) is contiguous in the head dim and
+        ``F.scaled_dot_product_attention`` takes a fused (flash / memory-efficient) kernel;
+      - the CPU: channel-major matrix products, which need no token-major copy at all. On the CPU
         the SDPA kernels lose at these sizes (head dim 16-32, a few hundred tokens): the math kernel wants
         contiguous tokens and checks every row for full masking, the flash kernel's backward is slow, and a
         1x1 convolution's backward costs more in oneDNN than the same matrix product. At 16x16 with 64
@@ -139,7 +144,7 @@ class AttnBlock(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_sdpa(x) if x.is_cuda else self.forward_matmul(x)
+        return self.forward_matmul(x) if x.device.type == "cpu" else self.forward_sdpa(x)
 
     def forward_sdpa(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -155,7 +160,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         heads, d = self.num_heads, C // self.num_heads
         qkv = torch.matmul(self.qkv.weight.flatten(1), self.norm(x).flatten(2))      # (3C,C) @ (B,C,HW) -> (B,3C,HW)
-        qkv = qkv + self.qkv.bias[:, None]
+        qkv = qkv + self.qkv.bias[:, None]            # float32 bias: under bf16 autocast the sum is float32
         q, k, v = qkv.view(B, 3, heads, d, H * W).unbind(1)                           # each (B, heads, d, HW)
         # Eq. 1 transposed, keys on rows: A^T = softmax over keys of K Q^T / sqrt(d), then O^T = V^T A^T
         logits_t = torch.matmul(k.transpose(-1, -2), q * d ** -0.5)                  # (B, heads, HW_k, HW_q)

@@ -256,7 +256,8 @@ def wrap(model, run: Run):
 
 
 def make_optimizer(params, lr, weight_decay, device):
-    """AdamW with the fused kernel (one pass over all parameters) on CUDA and the CPU, foreach elsewhere."""
+    """AdamW, with the fused kernel (one pass over all parameters) on CUDA and the CPU, PyTorch's default
+    elsewhere. (A run resumed from a ``last.pth`` keeps the setting its optimizer state was saved with.)"""
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 

@@ -5,7 +5,7 @@
     python benchmarks/train_throughput.py --compile --steps 50 --repeats 7
     python benchmarks/train_throughput.py --device cpu --count_only          # parameters and FLOPs only
 
-Both networks train in one process with the same data, optimizer (AdamW, fused on CUDA, as train.py),
+Both networks train in one process with the same data, optimizer (AdamW, fused on CUDA and the CPU, as train.py),
 loss (eps-MSE on ``GaussianDiffusion.q_sample``, i.e. ``GaussianDiffusion.training_loss``, DDPM Alg. 1),
 gradient clipping at 1.0, bf16 autocast (``common.autocast``) and channels_last on CUDA. The EMA update and
 the data path of ``train.fit`` are left out: they cost the same for both (see benchmarks/data_path.py).
@@ -31,8 +31,10 @@ Remaining differences:
   - attention heads: ours has ``num_heads`` per layer (head dim C / 4), diffusers a fixed head dim; we pass
     our head dim, so widths that differ across attention layers get other head counts (not by default).
   - dropout: diffusers' AttnUpBlock2D takes no dropout (0 there); the other blocks get ours (0.1).
-  - implementation only: diffusers' attention works on (B, HW, C) with Linear layers and transposes,
-    ours on (B, C, H, W) with 1x1 convs; diffusers adds per-call checks and deprecation guards.
+  - implementation only: diffusers' attention works on (B, HW, C) with Linear layers, transposes and SDPA;
+    ours runs SDPA on a channels_last token view on CUDA and channel-major matrix products with no
+    transposes on the CPU (``AttnBlock``); diffusers adds per-call checks and deprecation guards. Our
+    dropout draws its CPU mask from a uniform, diffusers' ``nn.Dropout`` from ``bernoulli_``.
   - initialisation: ours zero-initialises the last conv of each block and the output (speed-neutral).
 """
 import argparse

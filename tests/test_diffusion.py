@@ -230,6 +230,8 @@ def test_dropout_is_inverted_dropout():
     assert abs(1 - kept.double().mean().item() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / x.numel())   # 4 sigma
     torch.manual_seed(0)
     assert dropout(x, 0.3, training=True).equal(y)                        # reproducible from the seed
+    torch.manual_seed(0)                                                   # bf16 input: same float32 mask
+    assert dropout(x.bfloat16(), 0.3, training=True).float().equal(y.bfloat16().float())
     net = UNet(UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                           attn_resolutions=(), dropout=0.5, groups=4))
     for m in net.modules():                                                # non-zero last convs: dropout shows
