@@ -126,7 +126,7 @@ class AttnBlock(nn.Module):
         output viewed as tokens (B, HW, 3C) is contiguous in the head dim and
         ``F.scaled_dot_product_attention`` takes a fused (flash / memory-efficient) kernel;
       - the CPU: channel-major matrix products, which need no token-major copy at all. On the CPU
-        the SDPA kernels lose at these sizes (head dim 16-32, a few hundred tokens): the math kernel wants
+        the SDPA kernels lose at these sizes (head dim 16-64, a few hundred tokens): the math kernel wants
         contiguous tokens and checks every row for full masking, the flash kernel's backward is slow, and a
         1x1 convolution's backward costs more in oneDNN than the same matrix product. At 16x16 with 64
         channels this path runs a block's forward and backward 1.6x faster than SDPA on the CPU, its forward
