@@ -98,8 +98,10 @@ def count_params(model: torch.nn.Module) -> int:
 def forward_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device) -> float:
     """Forward FLOPs of one image (batch of 1, no grad; a multiply-add counts 2).
 
-    Attention runs on the math backend here, so it is counted whichever fused kernel a layout would pick
-    (FlopCounterMode has no formula for e.g. the CPU flash kernel); the count is the same for all kernels.
+    SDPA (diffusers' attention, and ours off the CPU) runs on the math backend here, so it is counted
+    whichever fused kernel a layout would pick (FlopCounterMode has no formula for e.g. the CPU flash
+    kernel); our CPU attention is plain matrix products and is counted as they are. The count is the same
+    for every path: the table shows equal FLOPs for the two networks.
     """
     x = torch.zeros(1, 3, image_size, image_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
