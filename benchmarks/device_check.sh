@@ -6,7 +6,8 @@
 #   bash benchmarks/device_check.sh bench   # benchmarks at the default 64x64 model, ~6 min
 #   bash benchmarks/device_check.sh         # both, one after the other (on your own GPU machine)
 #
-# bench: training images/s and MFU against diffusers (eager, then --compile), the data path with the training
+# bench: training images/s and MFU against diffusers (eager, then --compile), the two paths of each
+# dual-path layer (benchmarks/layer_paths.py), the data path with the training
 # step on the GPU, and a short 64x64 toyfaces run with the sampling benchmark on it (seconds per image, oracle
 # rates, the guided/unguided cost of one step). Output goes to ${OUT:-device_out}/: tests.log or bench.log
 # with everything printed, and train.json, train_compile.json, data.json, sampling.json, train_log.jsonl.
@@ -45,6 +46,8 @@ bench() {
   machine
   step "training throughput, default 64x64 UNet, batch 32, bf16 (eager)"
   timeout 75 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --json "$OUT/train.json"
+  step "the two paths of each dual-path layer on the GPU (does sub-pixel upsampling pay there too?)"
+  timeout 45 $PY benchmarks/layer_paths.py --device cuda --batch_size 32 --iters 20
   step "training throughput, --compile"
   timeout 150 $PY benchmarks/train_throughput.py --compile --steps 20 --repeats 5 --warmup 10 --json "$OUT/train_compile.json"
   step "data path: uint8 cache vs JPEG decoding, training step on the GPU"

@@ -57,6 +57,31 @@ def test_train_throughput_without_diffusers():
     assert proc.stderr.strip().count("\n") == 0
 
 
+def test_train_throughput_counts_the_subpixel_upsampling():
+    """At 64x64 the CPU runs our 32 -> 64 upsampling in sub-pixel form: the count shows it and says why."""
+    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--image_size", "64", "--base_channels", "8",
+               "--channel_mult", "1,2", "--attn_resolutions", "32", "--num_res_blocks", "1", "--count_only")
+    if not HAVE_DIFFUSERS:
+        assert_user_error(proc, INSTALL_HINT)
+        return
+    assert_ok(proc)
+    assert "1 upsampling conv(s) in sub-pixel form on the CPU" in proc.stdout
+    params, flops = (float(v) for v in table(proc.stdout)[1]["ratio ours/diffusers"][1:3])
+    assert params == 1.0 and 0.9 < flops < 1.0
+
+
+def test_layer_paths():
+    proc = run("benchmarks/layer_paths.py", "--device", "cpu", "--batch_size", "1", "--iters", "1", "--repeats", "1")
+    assert_ok(proc)
+    header, _ = table(proc.stdout)
+    assert header == ["layer", "size", "path A", "path B", "A ms", "B ms", "A / B"]
+    body = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("|")][2:]                        # table() keys rows by layer; upsample has three
+    assert [r[0] for r in body] == ["attention", "upsample", "upsample", "upsample", "dropout"]
+    assert all(float(v) > 0 for r in body for v in r[4:7])
+    assert_user_error(run("benchmarks/layer_paths.py", "--iters", "0"), "--iters must be > 0")
+
+
 def test_data_path(tmp_path):
     out = tmp_path / "data_path.json"
     proc = run("benchmarks/data_path.py", *TINY_UNET, "--n_images", "200", "--num_workers", "1", "--json", out)

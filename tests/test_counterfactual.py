@@ -75,12 +75,12 @@ def test_inverted_counterfactuals_without_guidance_reconstruct(toy_run, tmp_path
 def test_localized_counterfactuals_keep_the_input_outside_the_mask(toy_run, tmp_path):
     out, _ = toy_run
     proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
-               out / "classifier_best.pth", "--from_dataset", 4, "--target_label", 0, "--guidance_scale", 50,
+               out / "classifier_best.pth", "--from_dataset", 4, "--target_label", 0, "--guidance_scale", 100,
                "--localize", "--mask_threshold", 0.002, "--mask_dilation", 0, "--strength", 0.5, "--steps", 20,
                "--resample", 2, "--device", "cpu", "--output", tmp_path / "loc.png")
     assert_ok(proc)
     report = json.loads((tmp_path / "loc.json").read_text())
-    s = report["summary"]["scale_50"]
+    s = report["summary"]["scale_100"]
     assert 0 < s["mask_area"] < 1 and "mask" in proc.stdout
     inputs = tmp_path / "inputs"
     proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
@@ -89,10 +89,10 @@ def test_localized_counterfactuals_keep_the_input_outside_the_mask(toy_run, tmp_
     assert_ok(proc)
     kept = []
     for rec, rec0 in zip(report["samples"], json.loads(inputs.with_suffix(".json").read_text())["samples"]):
-        x = np.asarray(Image.open(tmp_path / "loc" / rec["s=50"]["file"])).astype(int)
+        x = np.asarray(Image.open(tmp_path / "loc" / rec["s=100"]["file"])).astype(int)
         x0 = np.asarray(Image.open(inputs / rec0["s=3"]["file"])).astype(int)
         same = (np.abs(x - x0).max(-1) == 0).mean()                      # share of pixels left exactly as they were
-        assert same >= 1 - rec["s=50"]["mask_area"] - 1e-4          # mask_area is rounded to 4 digits
+        assert same >= 1 - rec["s=100"]["mask_area"] - 1e-4          # mask_area is rounded to 4 digits
         kept.append(same)
     assert min(kept) < 1                                                 # and something did change
 

@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from classifier import ClassifierConfig, NoisyClassifier, log_prob, make_cond_fn
-from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, dropout, timestep_embedding
+from diffusion_model import (AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample, _InterleavePhases,
+                             dropout, timestep_embedding)
 
 T = 1000
 
@@ -220,18 +221,52 @@ def test_attention_paths_agree_with_the_formula():
     assert blk(x).equal(blk.forward_matmul(x))                # the CPU takes the matmul path
 
 
+def test_upsample_paths_agree_with_upsample_then_conv():
+    """The sub-pixel form (four 2x2 phase convs) is nearest x2 upsampling followed by the 3x3 conv: values and
+    all gradients (float64), on odd and non-square sides; the CPU takes it from SUBPIXEL_MIN_SIDE on."""
+    torch.manual_seed(0)
+    up = Upsample(6).double()
+    for H, W in ((3, 5), (4, 4)):
+        x = torch.randn(2, 6, H, W, dtype=torch.float64)
+        expected = torch.nn.functional.conv2d(torch.repeat_interleave(torch.repeat_interleave(x, 2, 2), 2, 3),
+                                              up.conv.weight, up.conv.bias, padding=1)   # (2, 6, 2H, 2W)
+        grads = []
+        for forward in (up.forward_direct, up.forward_subpixel):
+            xi = x.clone().requires_grad_()
+            y = forward(xi)
+            torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+            up.zero_grad()
+            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            grads.append([xi.grad, up.conv.weight.grad.clone(), up.conv.bias.grad.clone()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    y = torch.randn(2, 12, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_InterleavePhases.apply, (y,))            # its hand-written backward
+    side = Upsample.SUBPIXEL_MIN_SIDE
+    big, small = torch.randn(1, 6, side, side, dtype=torch.float64), torch.randn(1, 6, side // 2, side // 2, dtype=torch.float64)
+    assert up(big).equal(up.forward_subpixel(big)) and up(small).equal(up.forward_direct(small))
+
+
 def test_dropout_is_inverted_dropout():
     x = torch.full((200_000,), 2.0)
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+    p_eff = round(0.3 * 2 ** 15) / 2 ** 15                                 # the CPU mask's 15-bit resolution
+    assert abs(p_eff - 0.3) <= 2 ** -16
     torch.manual_seed(0)
     y = dropout(x, 0.3, training=True)
     kept = y != 0
-    assert torch.allclose(y[kept], torch.tensor(2.0 / 0.7))                # survivors scaled by 1 / (1 - p)
-    assert abs(1 - kept.double().mean().item() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / x.numel())   # 4 sigma
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / (1 - p_eff)), rtol=1e-7, atol=0)
+    sigma = math.sqrt(p_eff * (1 - p_eff) / x.numel())
+    assert abs(1 - kept.double().mean().item() - p_eff) < 4 * sigma                          # drop rate, 4 sigma
+    assert abs(y.double().mean().item() - 2.0) < 4 * 2.0 * sigma / (1 - p_eff)              # unbiased, 4 sigma
     torch.manual_seed(0)
     assert dropout(x, 0.3, training=True).equal(y)                        # reproducible from the seed
-    torch.manual_seed(0)                                                   # bf16 input: same float32 mask
+    torch.manual_seed(0)                                                   # bf16 input: the same elements drop
     assert dropout(x.bfloat16(), 0.3, training=True).float().equal(y.bfloat16().float())
+    torch.manual_seed(0)
+    odd = dropout(torch.ones(3, 5, 7), 0.5, training=True)                 # numel not a multiple of 4
+    assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
+    assert torch.isfinite(dropout(x, 0.99999, training=True)).all()       # p_eff capped below 1
     net = UNet(UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                           attn_resolutions=(), dropout=0.5, groups=4))
     for m in net.modules():                                                # non-zero last convs: dropout shows
