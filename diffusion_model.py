@@ -192,7 +192,7 @@ class Downsample(nn.Module):
 # i, i, i+1 (a = 1): two input rows, with the taps of the repeated row summed. _PHASE_TAPS[a] maps the 3
 # taps (w0, w1, w2) to those two: (w0, w1 + w2) on rows (i-1, i) for a = 0, (w0 + w1, w2) on (i, i+1) for a = 1.
 _PHASE_TAPS = torch.tensor([[[1., 0., 0.], [0., 1., 1.]],
-                            [[1., 1., 0.], [0., 0., 1.]]])         # (phase a, tap, 3x3 row)
+                            [[1., 1., 0.], [0., 0., 1.]]])         # (phase a, 2 taps, 3 kernel rows)
 
 
 class Upsample(nn.Module):
@@ -233,7 +233,8 @@ class Upsample(nn.Module):
         B, C, H, W = x.shape
         w = self.conv.weight                                                         # (Co, C, 3, 3)
         taps = _PHASE_TAPS.to(w)
-        w_phase = torch.einsum("apy,oiyx,bqx->aboipq", taps, w, taps)                # (2, 2, Co, C, 2, 2)
+        with torch.autocast(x.device.type, enabled=False):      # fold in the weight's dtype; the conv casts once
+            w_phase = torch.einsum("apy,oiyx,bqx->aboipq", taps, w, taps)            # (2, 2, Co, C, 2, 2)
         Co = w.shape[0]
         # padding 1: output (p, q) of the 2x2 conv reads input rows p-1, p and columns q-1, q, so phase
         # (a, b) at input pixel (i, j) is its output (i + a, j + b)
@@ -249,7 +250,7 @@ class _InterleavePhases(torch.autograd.Function):
     @staticmethod
     def _phases(t: torch.Tensor, H: int, W: int):
         B, C = t.shape[0], t.shape[1] // 4
-        t = t.view(B, 2, 2, C, H + 1, W + 1)
+        t = t.reshape(B, 2, 2, C, H + 1, W + 1)        # a view of the contiguous maps used here
         return [((a, b), t[:, a, b, :, a:a + H, b:b + W]) for a in (0, 1) for b in (0, 1)]   # each (B,C,H,W)
 
     @staticmethod

@@ -192,6 +192,21 @@ def test_unet_shapes_and_config_check():
         UNet(UNetConfig(image_size=30))
 
 
+def assert_paths_agree(module, paths, x, expected, grad_atol=1e-12):
+    """Each path of ``module`` maps x to ``expected``, and all paths give the same gradients for x and for
+    every parameter (a fixed non-uniform upstream gradient)."""
+    grads = []
+    for forward in paths:
+        xi = x.clone().requires_grad_()
+        y = forward(xi)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+        module.zero_grad()
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=grad_atol)
+
+
 def test_attention_paths_agree_with_the_formula():
     """The CPU's channel-major matmul path and the SDPA path (CUDA's) are both softmax(Q K^T / sqrt(d)) V of
     the 1x1-conv projections, values and gradients alike (float64, so only the order of sums differs)."""
@@ -208,16 +223,7 @@ def test_attention_paths_agree_with_the_formula():
     o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v                 # (B, heads, HW, d)
     o = o.transpose(1, 2).reshape(2, 24, 32) @ blk.proj.weight.flatten(1).T + blk.proj.bias
     expected = x + o.transpose(1, 2).reshape(2, 32, 4, 6)
-    grads = []
-    for forward in (blk.forward_matmul, blk.forward_sdpa):
-        xi = x.clone().requires_grad_()
-        y = forward(xi)
-        torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
-        blk.zero_grad()
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        grads.append([xi.grad] + [p.grad.clone() for p in blk.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert_paths_agree(blk, (blk.forward_matmul, blk.forward_sdpa), x, expected)
     assert blk(x).equal(blk.forward_matmul(x))                # the CPU takes the matmul path
 
 
@@ -230,16 +236,7 @@ def test_upsample_paths_agree_with_upsample_then_conv():
         x = torch.randn(2, 6, H, W, dtype=torch.float64)
         expected = torch.nn.functional.conv2d(torch.repeat_interleave(torch.repeat_interleave(x, 2, 2), 2, 3),
                                               up.conv.weight, up.conv.bias, padding=1)   # (2, 6, 2H, 2W)
-        grads = []
-        for forward in (up.forward_direct, up.forward_subpixel):
-            xi = x.clone().requires_grad_()
-            y = forward(xi)
-            torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
-            up.zero_grad()
-            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-            grads.append([xi.grad, up.conv.weight.grad.clone(), up.conv.bias.grad.clone()])
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+        assert_paths_agree(up, (up.forward_direct, up.forward_subpixel), x, expected, grad_atol=1e-11)
     y = torch.randn(2, 12, 4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_InterleavePhases.apply, (y,))            # its hand-written backward
     side = Upsample.SUBPIXEL_MIN_SIDE
