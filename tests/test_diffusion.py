@@ -244,6 +244,28 @@ def test_upsample_paths_agree_with_upsample_then_conv():
     assert up(big).equal(up.forward_subpixel(big)) and up(small).equal(up.forward_direct(small))
 
 
+def test_unet_with_subpixel_upsampling_trains_under_bf16(monkeypatch, diffusion):
+    """A 64x64 UNet (its 32 -> 64 upsampling runs sub-pixel on the CPU) computes what the direct path does
+    (float64), and a bf16-autocast training step through it gives finite gradients everywhere."""
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=64, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=(), groups=4)).double().eval()
+    for m in net.modules():                                       # non-zero last convs: the upsampling shows
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0, 0.1)
+    xt, t = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([3, 700])
+    subpixel = net(xt, t)
+    monkeypatch.setattr(Upsample, "SUBPIXEL_MIN_SIDE", 10 ** 6)
+    torch.testing.assert_close(subpixel, net(xt, t), rtol=0, atol=1e-10)
+    monkeypatch.undo()
+    net.float().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = diffusion.training_loss(net, torch.rand(2, 3, 64, 64) * 2 - 1)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.up[2].conv.weight.grad.abs().sum() > 0                 # the sub-pixel conv's weight learns
+
+
 def test_dropout_is_inverted_dropout():
     x = torch.full((200_000,), 2.0)
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
