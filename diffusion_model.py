@@ -80,19 +80,19 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by 1/(1-p).
 
-    ``F.dropout`` on accelerators. On the CPU its ``bernoulli_`` mask took 8% of a training step, so the
-    mask comes from raw generator bits instead: each 64-bit draw gives four 15-bit uniforms u, and an
-    element survives when u >= round(p * 2^15). It drops with probability p_eff = round(p * 2^15) / 2^15
-    (|p_eff - p| <= 2^-16: 0.100006 for 0.1) and the survivors are scaled by 1 / (1 - p_eff), so the
-    expectation is the input's. Forward plus backward on a 4x128x64x64 bf16 map this is 2.8-4.5x faster
-    than ``F.dropout`` (benchmarks/layer_paths.py), and the mask is built in place in the bits' buffer. Which
-    elements drop does not depend on the input's dtype; the scale is applied in that dtype (bf16 rounds
-    it, as ``F.dropout`` does).
+    ``F.dropout`` on accelerators and under torch.compile. In eager mode on the CPU, its ``bernoulli_``
+    mask took 8% of a training step, so there the mask comes from raw generator bits instead: each 64-bit
+    draw gives four 15-bit uniforms u, and an element survives when u >= round(p * 2^15). It drops with
+    probability p_eff = round(p * 2^15) / 2^15 (|p_eff - p| <= 2^-16: 0.100006 for 0.1) and the survivors
+    are scaled by 1 / (1 - p_eff), so the expectation is the input's. Forward plus backward on a
+    4x128x64x64 bf16 map this is 2.8-4.5x faster than ``F.dropout`` (benchmarks/layer_paths.py), and the
+    mask is built in place in the bits' buffer. Which elements drop does not depend on the input's dtype;
+    the scale is applied in that dtype (bf16 rounds it, as ``F.dropout`` does).
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():   # Dynamo cannot trace random_; Inductor
+        return F.dropout(x, p, True)                              # fuses F.dropout's mask into its kernel
     cut = min(round(p * 2 ** 15), 2 ** 15 - 1)                    # p_eff = cut / 2^15, at most 1 - 2^-15
     n = x.numel()
     # random_() on int64 fills bits 0-62; as four int16 per draw, the low 15 bits of each are uniform

@@ -266,6 +266,19 @@ def test_unet_with_subpixel_upsampling_trains_under_bf16(monkeypatch, diffusion)
     assert net.up[2].conv.weight.grad.abs().sum() > 0                 # the sub-pixel conv's weight learns
 
 
+def test_cpu_unet_compiles_as_one_graph():
+    """torch.compile sees the whole CPU UNet, sub-pixel upsampling, matmul attention and dropout included,
+    as one graph in training and in evaluation: no graph breaks (Dynamo cannot trace the eager mask's random_)."""
+    net = UNet(UNetConfig(image_size=64, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=(32,), dropout=0.1, groups=4))
+    xt, t = torch.randn(2, 3, 64, 64), torch.tensor([1, 500])
+    for mode in (net.train, net.eval):
+        mode()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explained = torch._dynamo.explain(net)(xt, t)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_dropout_is_inverted_dropout():
     x = torch.full((200_000,), 2.0)
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
