@@ -104,7 +104,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="continue from a last.pth: a path, or 'auto' for <output_dir>/last.pth")
     p.add_argument("--overwrite", action="store_true", help="allow starting over in an output_dir with checkpoints")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks for training")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks for training (a GPU option: on the CPU it measured no faster)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
     return p
 
