@@ -80,19 +80,22 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by 1/(1-p).
 
-    ``F.dropout`` on accelerators and under torch.compile. In eager mode on the CPU, its ``bernoulli_``
-    mask took 8% of a training step, so there the mask comes from raw generator bits instead: each 64-bit
-    draw gives four 15-bit uniforms u, and an element survives when u >= round(p * 2^15). It drops with
-    probability p_eff = round(p * 2^15) / 2^15 (|p_eff - p| <= 2^-16: 0.100006 for 0.1) and the survivors
-    are scaled by 1 / (1 - p_eff), so the expectation is the input's. Forward plus backward on a
-    4x128x64x64 bf16 map this is 2.8-4.5x faster than ``F.dropout`` (benchmarks/layer_paths.py), and the
-    mask is built in place in the bits' buffer. Which elements drop does not depend on the input's dtype;
-    the scale is applied in that dtype (bf16 rounds it, as ``F.dropout`` does).
+    ``F.dropout`` on accelerators, under torch.compile and for p = 1. In eager mode on the CPU, its
+    ``bernoulli_`` mask took 8% of a training step, so there the mask comes from raw generator bits
+    instead: each 64-bit draw gives four 15-bit uniforms u, and an element survives when
+    u >= round(p * 2^15). It drops with probability p_eff = round(p * 2^15) / 2^15 (0.100006 for 0.1; kept
+    below 1) and the survivors are scaled by 1 / (1 - p_eff), so the expectation is the input's. Forward
+    plus backward on a 4x128x64x64 bf16 map this is 2.8-4.5x faster than ``F.dropout``
+    (benchmarks/layer_paths.py); the 0/1 mask is made in place in the bits' buffer. Which elements drop
+    does not depend on the input's dtype; the scale is applied in that dtype (bf16 rounds it, as
+    ``F.dropout`` does).
     """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():   # Dynamo cannot trace random_; Inductor
-        return F.dropout(x, p, True)                              # fuses F.dropout's mask into its kernel
+    if x.device.type != "cpu" or p == 1.0 or torch.compiler.is_compiling():   # Dynamo cannot trace random_;
+        return F.dropout(x, p, True)                                           # Inductor fuses F.dropout
     cut = min(round(p * 2 ** 15), 2 ** 15 - 1)                    # p_eff = cut / 2^15, at most 1 - 2^-15
     n = x.numel()
     # random_() on int64 fills bits 0-62; as four int16 per draw, the low 15 bits of each are uniform
@@ -187,88 +190,54 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-# Sub-pixel form of nearest x2 upsampling followed by a 3x3 conv. Along one axis, output row 2i + a of the
-# conv over the upsampled map reads upsampled rows 2i+a-1 .. 2i+a+1, i.e. input rows i-1, i, i (a = 0) or
-# i, i, i+1 (a = 1): two input rows, with the taps of the repeated row summed. _PHASE_TAPS[a] maps the 3
-# taps (w0, w1, w2) to those two: (w0, w1 + w2) on rows (i-1, i) for a = 0, (w0 + w1, w2) on (i, i+1) for a = 1.
-_PHASE_TAPS = torch.tensor([[[1., 0., 0.], [0., 1., 1.]],
-                            [[1., 1., 0.], [0., 0., 1.]]])         # (phase a, 2 taps, 3 kernel rows)
+# Nearest x2 upsampling followed by a 3x3 conv is one transposed conv (stride 2, padding 1, 4x4 kernel).
+# Along one axis, output row 2i + a of the conv over the upsampled map reads input rows i-1, i, i (a = 0) or
+# i, i, i+1 (a = 1), the taps of the repeated row summed: (w0, w1 + w2) on rows (i-1, i) and (w0 + w1, w2)
+# on rows (i, i+1). A transposed conv with stride 2 and padding 1 sends input row r to output row 2r - 1 + k
+# through its tap k, so those are taps k = 3, 1 (a = 0) and k = 2, 0 (a = 1). Row k of _UPSAMPLE_TAPS is
+# tap k as a sum of (w0, w1, w2).
+_UPSAMPLE_TAPS = torch.tensor([[0., 0., 1.], [0., 1., 1.], [1., 1., 0.], [1., 0., 0.]])     # (4 taps, 3)
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 upsampling, then a 3x3 conv. (B,C,H,W) -> (B,C,2H,2W).
 
     Two implementations of the same function, with the same weights:
-      - ``forward_direct``: upsample, then convolve, 9 taps at each of the 4HW output pixels;
-      - ``forward_subpixel``: each of the four output phases (a, b) = (row, column) parity of the output
-        pixel sees a 2x2 window of the input with the 3x3 taps folded into 2x2 (``_PHASE_TAPS``), so one
-        2x2 conv to 4C channels over the input, then an interleave: 16 taps per input pixel instead of
-        36, 2.25x fewer FLOPs (2.1x at 32 px, counting the border row and column the conv also computes).
-        This is the sub-pixel convolution of Shi et al. 2016 (https://arxiv.org/abs/1609.05158), derived
-        here from the upsampled conv.
-    The CPU takes the sub-pixel form at input sides of SUBPIXEL_MIN_SIDE and up. Forward plus backward with
-    256 channels at batch 4 (benchmarks/layer_paths.py, 2 CPU cores) it is 1.9x faster at 32 -> 64 px, the
-    default model's largest conv (160 -> 83 ms), 1.3x at 16 -> 32 px, and slower at 8 -> 16 px (0.6x),
-    where the interleave costs more than the conv saves. The 16 px case stays on the direct form: it is
-    under 1% of a default-model step, and the 32x32 toyfaces models keep the exact arithmetic that the
-    README's figures were measured with. Accelerators keep the direct form until it is measured there
-    (the same benchmark with --device cuda). Tests check that both forms agree.
+      - ``forward_direct``: upsample, then convolve: 9 taps at each of the 4HW output pixels, 36 per
+        input pixel;
+      - ``forward_transposed``: one transposed conv of the input with the 3x3 kernel folded into 4x4
+        (``_UPSAMPLE_TAPS``): each output pixel only sees 2x2 input pixels, so 16 taps per input pixel,
+        2.25x fewer FLOPs. (The same count as a sub-pixel conv, which a stride-2 transposed conv is:
+        Shi et al. 2016, https://arxiv.org/abs/1609.07009.)
+    The CPU takes the transposed form at input sides of TRANSPOSED_MIN_SIDE and up. Forward plus backward
+    with 256 channels at batch 4 (benchmarks/layer_paths.py, 2 CPU cores) it is 1.9x faster at 32 -> 64
+    px, the default model's largest conv (171 -> 87 ms), 1.2x at 16 -> 32 px, and slower at 8 -> 16 px
+    (0.6x). The 16 px case stays on the direct form: it is under 1% of a default-model step, and the
+    32x32 toyfaces models keep the exact arithmetic that the README's figures were measured with.
+    Accelerators keep the direct form until it is measured there (the same benchmark with --device
+    cuda). Tests check that both forms agree.
     """
 
-    SUBPIXEL_MIN_SIDE = 32
+    TRANSPOSED_MIN_SIDE = 32
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):                                          # (B,C,H,W) -> (B,C,2H,2W)
-        if x.device.type == "cpu" and min(x.shape[-2:]) >= self.SUBPIXEL_MIN_SIDE:
-            return self.forward_subpixel(x)
+        if x.device.type == "cpu" and min(x.shape[-2:]) >= self.TRANSPOSED_MIN_SIDE:
+            return self.forward_transposed(x)
         return self.forward_direct(x)
 
     def forward_direct(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
-    def forward_subpixel(self, x):
-        B, C, H, W = x.shape
-        w = self.conv.weight                                                         # (Co, C, 3, 3)
-        taps = _PHASE_TAPS.to(w)
+    def forward_transposed(self, x):
+        w = self.conv.weight                                                     # (Co, C, 3, 3)
+        taps = _UPSAMPLE_TAPS.to(w)
         with torch.autocast(x.device.type, enabled=False):      # fold in the weight's dtype; the conv casts once
-            w_phase = torch.einsum("apy,oiyx,bqx->aboipq", taps, w, taps)            # (2, 2, Co, C, 2, 2)
-        Co = w.shape[0]
-        # padding 1: output (p, q) of the 2x2 conv reads input rows p-1, p and columns q-1, q, so phase
-        # (a, b) at input pixel (i, j) is its output (i + a, j + b)
-        y = F.conv2d(x, w_phase.reshape(4 * Co, C, 2, 2), self.conv.bias.repeat(4), padding=1)
-        return _InterleavePhases.apply(y)                                            # (B,4Co,H+1,W+1) -> (B,Co,2H,2W)
-
-
-class _InterleavePhases(torch.autograd.Function):
-    """(B, 4C, H+1, W+1) phase maps, channel index (a, b, c), -> (B, C, 2H, 2W) with out[2i+a, 2j+b] = phase
-    (a, b) at (i + a, j + b). Its own backward writes each phase's gradient into one buffer; autograd's
-    slicing backward would allocate and sum a zero-filled copy of the input per phase (3.5x slower)."""
-
-    @staticmethod
-    def _phases(t: torch.Tensor, H: int, W: int):
-        B, C = t.shape[0], t.shape[1] // 4
-        t = t.reshape(B, 2, 2, C, H + 1, W + 1)        # a view of the contiguous maps used here
-        return [((a, b), t[:, a, b, :, a:a + H, b:b + W]) for a in (0, 1) for b in (0, 1)]   # each (B,C,H,W)
-
-    @staticmethod
-    def forward(ctx, y):
-        B, C, H, W = y.shape[0], y.shape[1] // 4, y.shape[2] - 1, y.shape[3] - 1
-        out = y.new_empty(B, C, H, 2, W, 2)
-        for (a, b), phase in _InterleavePhases._phases(y, H, W):
-            out[:, :, :, a, :, b] = phase
-        return out.view(B, C, 2 * H, 2 * W)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        B, C, H, W = grad_out.shape[0], grad_out.shape[1], grad_out.shape[2] // 2, grad_out.shape[3] // 2
-        grad_out = grad_out.reshape(B, C, H, 2, W, 2)
-        grad_y = grad_out.new_zeros(B, 4 * C, H + 1, W + 1)      # each phase leaves one border row/column at 0
-        for (a, b), phase in _InterleavePhases._phases(grad_y, H, W):
-            phase.copy_(grad_out[:, :, :, a, :, b])
-        return grad_y
+            w4 = torch.einsum("py,oiyx,qx->iopq", taps, w, taps)                 # (C, Co, 4, 4): transposed layout
+        return F.conv_transpose2d(x, w4, self.conv.bias, stride=2, padding=1)   # (B,C,H,W) -> (B,Co,2H,2W)
 
 
 class UNet(nn.Module):

@@ -46,7 +46,7 @@ bench() {
   machine
   step "training throughput, default 64x64 UNet, batch 32, bf16 (eager)"
   timeout 75 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --json "$OUT/train.json"
-  step "the two paths of each dual-path layer on the GPU (does sub-pixel upsampling pay there too?)"
+  step "the two paths of each dual-path layer on the GPU (does the transposed-conv upsampling pay there too?)"
   timeout 45 $PY benchmarks/layer_paths.py --device cuda --batch_size 32 --iters 20
   step "training throughput, --compile"
   timeout 150 $PY benchmarks/train_throughput.py --compile --steps 20 --repeats 5 --warmup 10 --json "$OUT/train_compile.json"

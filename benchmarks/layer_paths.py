@@ -9,7 +9,7 @@ bf16 autocast as in training), the two paths interleaved over --repeats repeats 
 shows the median milliseconds per call and the median of the per-repeat ratios (> 1: the second path is
 faster). The paths compute the same function (tests/test_diffusion.py checks each pair).
   attention  ``AttnBlock.forward_sdpa`` (SDPA; CUDA's path)  vs  ``forward_matmul`` (the CPU's path)
-  upsample   ``Upsample.forward_direct`` (nearest x2, 3x3 conv)  vs  ``forward_subpixel`` (four 2x2 phase convs)
+  upsample   ``Upsample.forward_direct`` (nearest x2, 3x3 conv)  vs  ``forward_transposed`` (one transposed conv)
   dropout    ``F.dropout`` (bernoulli mask)  vs  ``diffusion_model.dropout`` (15-bit integer mask on the CPU)
 """
 import os
@@ -41,9 +41,9 @@ def cases(batch: int):
     attn, up = AttnBlock(256, num_heads=4), Upsample(256)
     return [
         ("attention", "256 ch, 16x16", "sdpa", "matmul", attn.forward_sdpa, attn.forward_matmul, (batch, 256, 16, 16)),
-        ("upsample", "256 ch, 32 -> 64", "direct", "subpixel", up.forward_direct, up.forward_subpixel, (batch, 256, 32, 32)),
-        ("upsample", "256 ch, 16 -> 32", "direct", "subpixel", up.forward_direct, up.forward_subpixel, (batch, 256, 16, 16)),
-        ("upsample", "256 ch, 8 -> 16", "direct", "subpixel", up.forward_direct, up.forward_subpixel, (batch, 256, 8, 8)),
+        ("upsample", "256 ch, 32 -> 64", "direct", "transposed", up.forward_direct, up.forward_transposed, (batch, 256, 32, 32)),
+        ("upsample", "256 ch, 16 -> 32", "direct", "transposed", up.forward_direct, up.forward_transposed, (batch, 256, 16, 16)),
+        ("upsample", "256 ch, 8 -> 16", "direct", "transposed", up.forward_direct, up.forward_transposed, (batch, 256, 8, 8)),
         ("dropout", "p 0.1, 128 ch, 64x64", "F.dropout", "ours", lambda x: F.dropout(x, 0.1, True),
          lambda x: dropout(x, 0.1, True), (batch, 128, 64, 64)),
     ], (attn, up)

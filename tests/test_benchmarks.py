@@ -57,15 +57,15 @@ def test_train_throughput_without_diffusers():
     assert proc.stderr.strip().count("\n") == 0
 
 
-def test_train_throughput_counts_the_subpixel_upsampling():
-    """At 64x64 the CPU runs our 32 -> 64 upsampling in sub-pixel form: the count shows it and says why."""
+def test_train_throughput_counts_the_transposed_upsampling():
+    """At 64x64 the CPU runs our 32 -> 64 upsampling as a transposed conv: the count shows it and says why."""
     proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--image_size", "64", "--base_channels", "8",
                "--channel_mult", "1,2", "--attn_resolutions", "32", "--num_res_blocks", "1", "--count_only")
     if not HAVE_DIFFUSERS:
         assert_user_error(proc, INSTALL_HINT)
         return
     assert_ok(proc)
-    assert "1 upsampling conv(s) in sub-pixel form on the CPU" in proc.stdout
+    assert "1 upsampling conv(s) as a transposed conv on the CPU" in proc.stdout
     params, flops = (float(v) for v in table(proc.stdout)[1]["ratio ours/diffusers"][1:3])
     assert params == 1.0 and 0.9 < flops < 1.0
 

@@ -7,8 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from classifier import ClassifierConfig, NoisyClassifier, log_prob, make_cond_fn
-from diffusion_model import (AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample, _InterleavePhases,
-                             dropout, timestep_embedding)
+from diffusion_model import (AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample, dropout,
+                             timestep_embedding)
 
 T = 1000
 
@@ -228,24 +228,22 @@ def test_attention_paths_agree_with_the_formula():
 
 
 def test_upsample_paths_agree_with_upsample_then_conv():
-    """The sub-pixel form (four 2x2 phase convs) is nearest x2 upsampling followed by the 3x3 conv: values and
-    all gradients (float64), on odd and non-square sides; the CPU takes it from SUBPIXEL_MIN_SIDE on."""
+    """The transposed conv with the folded 4x4 kernel is nearest x2 upsampling followed by the 3x3 conv: values
+    and all gradients (float64), on odd and non-square sides; the CPU takes it from TRANSPOSED_MIN_SIDE on."""
     torch.manual_seed(0)
     up = Upsample(6).double()
     for H, W in ((3, 5), (4, 4)):
         x = torch.randn(2, 6, H, W, dtype=torch.float64)
         expected = torch.nn.functional.conv2d(torch.repeat_interleave(torch.repeat_interleave(x, 2, 2), 2, 3),
                                               up.conv.weight, up.conv.bias, padding=1)   # (2, 6, 2H, 2W)
-        assert_paths_agree(up, (up.forward_direct, up.forward_subpixel), x, expected, grad_atol=1e-11)
-    y = torch.randn(2, 12, 4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_InterleavePhases.apply, (y,))            # its hand-written backward
-    side = Upsample.SUBPIXEL_MIN_SIDE
+        assert_paths_agree(up, (up.forward_direct, up.forward_transposed), x, expected, grad_atol=1e-11)
+    side = Upsample.TRANSPOSED_MIN_SIDE
     big, small = torch.randn(1, 6, side, side, dtype=torch.float64), torch.randn(1, 6, side // 2, side // 2, dtype=torch.float64)
-    assert up(big).equal(up.forward_subpixel(big)) and up(small).equal(up.forward_direct(small))
+    assert up(big).equal(up.forward_transposed(big)) and up(small).equal(up.forward_direct(small))
 
 
-def test_unet_with_subpixel_upsampling_trains_under_bf16(monkeypatch, diffusion):
-    """A 64x64 UNet (its 32 -> 64 upsampling runs sub-pixel on the CPU) computes what the direct path does
+def test_unet_with_transposed_upsampling_trains_under_bf16(monkeypatch, diffusion):
+    """A 64x64 UNet (its 32 -> 64 upsampling runs transposed on the CPU) computes what the direct path does
     (float64), and a bf16-autocast training step through it gives finite gradients everywhere."""
     torch.manual_seed(0)
     net = UNet(UNetConfig(image_size=64, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -254,20 +252,20 @@ def test_unet_with_subpixel_upsampling_trains_under_bf16(monkeypatch, diffusion)
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.normal_(m.weight, 0, 0.1)
     xt, t = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([3, 700])
-    subpixel = net(xt, t)
-    monkeypatch.setattr(Upsample, "SUBPIXEL_MIN_SIDE", 10 ** 6)
-    torch.testing.assert_close(subpixel, net(xt, t), rtol=0, atol=1e-10)
+    transposed = net(xt, t)
+    monkeypatch.setattr(Upsample, "TRANSPOSED_MIN_SIDE", 10 ** 6)
+    torch.testing.assert_close(transposed, net(xt, t), rtol=0, atol=1e-10)
     monkeypatch.undo()
     net.float().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = diffusion.training_loss(net, torch.rand(2, 3, 64, 64) * 2 - 1)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
-    assert net.up[2].conv.weight.grad.abs().sum() > 0                 # the sub-pixel conv's weight learns
+    assert net.up[2].conv.weight.grad.abs().sum() > 0                 # the transposed conv's weight learns
 
 
 def test_cpu_unet_compiles_as_one_graph():
-    """torch.compile sees the whole CPU UNet, sub-pixel upsampling, matmul attention and dropout included,
+    """torch.compile sees the whole CPU UNet, transposed upsampling, matmul attention and dropout included,
     as one graph in training and in evaluation: no graph breaks (Dynamo cannot trace the eager mask's random_)."""
     net = UNet(UNetConfig(image_size=64, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                           attn_resolutions=(32,), dropout=0.1, groups=4))
@@ -297,8 +295,12 @@ def test_dropout_is_inverted_dropout():
     assert dropout(x.bfloat16(), 0.3, training=True).float().equal(y.bfloat16().float())
     torch.manual_seed(0)
     odd = dropout(torch.ones(3, 5, 7), 0.5, training=True)                 # numel not a multiple of 4
-    assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
+    assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) == {0.0, 2.0}
     assert torch.isfinite(dropout(x, 0.99999, training=True)).all()       # p_eff capped below 1
+    assert dropout(x, 1.0, training=True).eq(0).all()                     # p = 1 drops everything
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout probability"):
+            dropout(x, p, training=True)
     net = UNet(UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                           attn_resolutions=(), dropout=0.5, groups=4))
     for m in net.modules():                                                # non-zero last convs: dropout shows
