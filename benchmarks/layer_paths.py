@@ -81,7 +81,7 @@ def main() -> int:
     print("| layer | size | path A | path B | A ms | B ms | A / B |")
     print("|---|---|---|---|---|---|---|")
     for layer, size, name_a, name_b, fn_a, fn_b, shape in rows:
-        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)   # a bf16 activation, as in training
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)   # bf16 under autocast, as in training
         with amp:
             out_shape = fn_a(x).shape
         grad = torch.randn(out_shape, device=device, dtype=dtype)

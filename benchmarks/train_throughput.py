@@ -38,7 +38,7 @@ Remaining differences:
     dropout draws its CPU mask from raw 15-bit integers, diffusers' ``nn.Dropout`` from ``bernoulli_``.
     On the CPU, at input sides >= 32, our ``Upsample`` computes nearest x2 + 3x3 conv as one transposed
     conv with a folded 4x4 kernel: the same function and weights, 2.25x fewer FLOPs in that layer. The FLOP
-    count is of what runs, so it shows ours lower there (-5.4% at the default 64x64 model on the CPU;
+    count is of what runs, so it shows ours lower there (-5.7% at the default 64x64 model on the CPU;
     equal on CUDA) and a note says so.
   - initialisation: ours zero-initialises the last conv of each block and the output (speed-neutral).
 """
