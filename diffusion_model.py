@@ -224,8 +224,13 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
+    @classmethod
+    def takes_transposed(cls, device: torch.device, side: int) -> bool:
+        """Whether an input of this smallest side on this device runs ``forward_transposed``."""
+        return device.type == "cpu" and side >= cls.TRANSPOSED_MIN_SIDE
+
     def forward(self, x):                                          # (B,C,H,W) -> (B,C,2H,2W)
-        if x.device.type == "cpu" and min(x.shape[-2:]) >= self.TRANSPOSED_MIN_SIDE:
+        if self.takes_transposed(x.device, min(x.shape[-2:])):
             return self.forward_transposed(x)
         return self.forward_direct(x)
 

@@ -219,7 +219,7 @@ def main() -> int:
     if abs(ratio_params - 1) > 0.10:
         notes.append(f"parameter counts differ by {abs(ratio_params - 1):.0%} (> 10%): not a like-for-like comparison")
     up_sides = [cfg.image_size // 2 ** i for i in range(1, len(cfg.channel_mult))]   # Upsample input sides
-    transposed = [s for s in up_sides if device.type == "cpu" and s >= Upsample.TRANSPOSED_MIN_SIDE]
+    transposed = [s for s in up_sides if Upsample.takes_transposed(device, s)]
     if transposed:
         notes.append(f"ours computes {len(transposed)} upsampling conv(s) as a transposed conv on the CPU (the same "
                      f"function and weights, 2.25x fewer FLOPs in that layer): {ratio_flops - 1:+.1%} FLOPs")
