@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py                                   # 64x64, batch 32, CUDA, bf16
     python benchmarks/train_throughput.py --compile --steps 50 --repeats 7
     python benchmarks/train_throughput.py --device cpu --count_only          # parameters and FLOPs only
+    python benchmarks/train_throughput.py --device cpu --batch_size 4 --steps 5 --breakdown   # where a step goes
 
 Both networks train in one process with the same data, optimizer (AdamW, fused on CUDA and the CPU, as train.py),
 loss (eps-MSE on ``GaussianDiffusion.q_sample``, i.e. ``GaussianDiffusion.training_loss``, DDPM Alg. 1),
@@ -13,7 +14,12 @@ Timing interleaves the two: for each repeat, ``--steps`` steps of ours, then ``-
 clock and thermal drift hit both alike; the table shows the median images/s and the median of the
 per-repeat ratios. FLOPs are the forward pass per image from ``torch.utils.flop_counter.FlopCounterMode``
 (a multiply-add counts 2); on CUDA, MFU = 3 x forward FLOPs x images/s / --peak_tflops (3: forward plus
-a backward of about twice the forward).
+a backward of about twice the forward). ``--breakdown`` then profiles ``--steps`` more steps of each with
+torch.profiler and splits a step by kind of op (self time of each op: CPU time on the CPU, GPU kernel time
+on CUDA; "other" is the rest of the wall time: elementwise ops, copies, Python, an idle GPU, and the
+profiler's own per-op cost, so a profiled step is slower than a timed one). It also prints the conv-bound
+ceiling: the ratio ours would reach if everything but its convolutions took no time (diffusers' timed step
+over ours' profiled convolution time).
 
 How diffusers is configured to match ``UNet(UNetConfig)``:
   block_out_channels = base_channels * channel_mult[i]; layers_per_block = num_res_blocks (its decoder also
@@ -51,9 +57,12 @@ import time
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")    # --breakdown on a CPU machine: no profiler "GPU not found" errors
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
@@ -77,6 +86,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="accelerator peak for MFU, TFLOP/s (989: H100/H200 dense bf16; ~495 for their TF32)")
     p.add_argument("--count_only", action="store_true", help="print parameters and FLOPs, skip the timing")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile --steps steps of each network and split a step by kind of op")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
 
@@ -164,6 +175,41 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+# --breakdown: kinds of op, each by substrings of the lower-cased profiler name; the first match wins
+OP_KINDS = (
+    ("convolution", ("conv",)),                                   # forward, backward, transposed, cuDNN/oneDNN
+    ("matmul and attention", ("mm", "linear", "attention", "softmax")),   # mm, bmm, addmm, SDPA kernels
+    ("GroupNorm and SiLU", ("group_norm", "silu")),
+    ("dropout masks", ("bernoulli", "random_")),
+    ("optimizer and clipping", ("adam", "foreach", "norm")),     # fused AdamW, clip_grad_norm_'s norms
+)
+
+
+def op_kind(name: str):
+    """The OP_KINDS kind of a profiler event name, or None (counted under "other")."""
+    name = name.lower()
+    return next((kind for kind, parts in OP_KINDS if any(part in name for part in parts)), None)
+
+
+def step_breakdown(step, n: int, device: torch.device) -> dict:
+    """Profile ``n`` calls of ``step`` -> ms per step of each OP_KINDS kind, "other" and "step" (wall time).
+
+    Self times of the ops: CPU time on the CPU (an op's threads work inside it, so these add up to wall time);
+    on CUDA the GPU kernel time each op launched. "other" is the wall time the kinds leave."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = time_steps(step, n, device)
+    ms = dict.fromkeys([kind for kind, _ in OP_KINDS], 0.0)
+    for evt in prof.key_averages():
+        kind = op_kind(evt.key)
+        if kind is not None and evt.device_type == DeviceType.CPU:      # kernels count through their op
+            us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+            ms[kind] += us / 1e3 / n
+    ms["step"] = 1e3 * seconds / n
+    ms["other"] = ms["step"] - sum(ms[kind] for kind, _ in OP_KINDS)
+    return ms
+
+
 def make_train_step(model, diffusion: GaussianDiffusion, amp, device: torch.device, lr: float = 2e-4,
                     grad_clip: float = 1.0):
     """-> step(x0): one optimizer step of the diffusion stage of ``train.fit`` (without EMA) on a batch
@@ -185,6 +231,8 @@ def main() -> int:
     for name in ("image_size", "batch_size", "base_channels", "num_res_blocks", "steps", "repeats", "peak_tflops"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--warmup", args.warmup, allow_zero=True)
+    if args.breakdown and args.count_only:
+        raise UserError("--breakdown profiles training steps, which --count_only skips; drop one of them")
     cfg = checked_unet_config(args)
     try:
         import diffusers  # noqa: F401
@@ -242,6 +290,8 @@ def main() -> int:
             for k in models:
                 ips[k].append(args.steps * args.batch_size / time_steps(steps[k], args.steps, device))
         result["images_per_s"] = ips
+        if args.breakdown:
+            result["breakdown_ms_per_step"] = {k: step_breakdown(steps[k], args.steps, device) for k in models}
 
     ratios = {"params": ratio_params, "flops": ratio_flops}
     med, mfu = {}, None
@@ -267,10 +317,25 @@ def main() -> int:
     speed = f"{ratios['images_per_s']:.3f} | {1 / ratios['images_per_s']:.3f}" if timed else "n/a | n/a"
     mfu_ratio = "n/a" if mfu is None else f"{mfu['ours'] / mfu['diffusers']:.3f}"
     print(f"| ratio ours/diffusers | {ratio_params:.3f} | {ratio_flops:.3f} | {speed} | {mfu_ratio} |")
+    if args.breakdown:
+        print_breakdown(result["breakdown_ms_per_step"], 1e3 * args.batch_size / med["diffusers"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def print_breakdown(ms: dict, theirs_step_ms: float) -> None:
+    """The --breakdown table, one row per kind of op, and the conv-bound ceiling against diffusers' timed step."""
+    print("\nwhere a step goes (profiled, ms per step and share of the step):\n")
+    print("| kind of op | ours ms | ours share | diffusers ms | diffusers share |")
+    print("|---|---|---|---|---|")
+    for kind in [kind for kind, _ in OP_KINDS] + ["other", "step"]:
+        cells = " | ".join(f"{ms[k][kind]:.1f} | {100 * ms[k][kind] / ms[k]['step']:.1f}%" for k in ("ours", "diffusers"))
+        print(f"| {kind} | {cells} |")
+    ceiling = theirs_step_ms / ms["ours"]["convolution"]
+    print(f"\nconv-bound ceiling: ours would run at {ceiling:.2f}x diffusers' images/s if everything but its "
+          f"convolutions took no time")
 
 
 if __name__ == "__main__":

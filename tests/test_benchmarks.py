@@ -35,15 +35,33 @@ def check_train_throughput_table(stdout: str) -> None:
 
 def test_train_throughput(tmp_path):
     out = tmp_path / "train_throughput.json"
-    proc = run("benchmarks/train_throughput.py", *TINY_UNET, "--warmup", "1", "--json", out)
+    proc = run("benchmarks/train_throughput.py", *TINY_UNET, "--warmup", "1", "--breakdown", "--json", out)
     if not HAVE_DIFFUSERS:          # CI installs requirements.txt only
         assert_user_error(proc, INSTALL_HINT)
         return
     assert_ok(proc)
-    check_train_throughput_table(proc.stdout)
+    main_table, breakdown = proc.stdout.split("where a step goes")
+    check_train_throughput_table(main_table)
     result = json.loads(out.read_text())
     assert result["params"]["ours"] == result["params"]["diffusers"]
     assert len(result["images_per_s"]["ours"]) == 1
+    # --breakdown: every kind of op has a row, the kinds and "other" add up to the profiled step
+    header, rows = table(breakdown)
+    assert header == ["kind of op", "ours ms", "ours share", "diffusers ms", "diffusers share"]
+    kinds = ["convolution", "matmul and attention", "GroupNorm and SiLU", "dropout masks", "optimizer and clipping"]
+    assert list(rows) == kinds + ["other", "step"]
+    for model in ("ours", "diffusers"):
+        ms = result["breakdown_ms_per_step"][model]
+        assert ms["convolution"] > 0 and ms["matmul and attention"] > 0 and ms["optimizer and clipping"] > 0
+        assert abs(sum(ms[k] for k in kinds + ["other"]) - ms["step"]) < 1e-6 * ms["step"]
+    assert rows["step"][2] == "100.0%" and rows["step"][4] == "100.0%"
+    ceiling = float(breakdown.split("ours would run at ")[1].split("x")[0])
+    assert ceiling > 0
+
+
+def test_train_throughput_breakdown_needs_the_timing():
+    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--count_only", "--breakdown")
+    assert_user_error(proc, "--breakdown profiles training steps, which --count_only skips")
 
 
 def test_train_throughput_without_diffusers():
