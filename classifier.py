@@ -78,7 +78,7 @@ def log_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_cond_fn(classifier: nn.Module, target_labels, guidance_scale, keep=None, keep_weight: float = 1.0):
-    """Classifier guidance as a function for the samplers.             Dhariwal & Nichol 2021, Alg. 1-2
+    """Classifier guidance as a function for the samplers.        Dhariwal & Nichol 2021, Sec. 4.2 / Alg. 2
 
     :param target_labels: int, or (B,) tensor of 0/1 targets.
     :param guidance_scale: s >= 0, a float or a (B,) tensor (one scale per sample).

@@ -38,13 +38,23 @@ def run_main(main: Callable[[], Any]) -> None:
 
 
 def resolve_device(name: str, doing: str = "running") -> torch.device:
-    """The --device flag as a torch.device: CUDA falls back to the CPU with a warning; a missing MPS is an error."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    """The --device flag as a torch.device: CUDA falls back to the CPU with a warning; a name that is not a
+    device, a CUDA index this machine lacks, or a missing MPS is a UserError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: this tool runs on cpu, cuda, cuda:N or mps; pick one of those")
+    if device.type == "cuda" and not torch.cuda.is_available():
         print(f"warning: CUDA is not available, {doing} on the CPU (slow); pass --device cpu to silence this")
         return torch.device("cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; pick one")
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps is not available on this machine; use --device cpu")
-    return torch.device(name)
+    return device
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -53,6 +63,15 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """A file a run writes when it ends (e.g. --json): refuse a folder or an unwritable place before the work."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
 
 
 def ensure_writable_dir(path: str, what: str = "output folder") -> str:

@@ -3,7 +3,8 @@
 Papers, cited on the lines that implement them:
   DDPM  Ho, Jain & Abbeel 2020, https://arxiv.org/abs/2006.11239
   DDIM  Song, Meng & Ermon 2021, https://arxiv.org/abs/2010.02502
-  Guidance  Dhariwal & Nichol 2021, https://arxiv.org/abs/2105.05233 (Sec. 4, Alg. 1 and 2)
+  Guidance  Dhariwal & Nichol 2021, https://arxiv.org/abs/2105.05233 (Sec. 4.2, Alg. 2: both samplers
+            shift eps by the classifier's score; Alg. 1's shift of the DDPM mean by s Sigma grad is not used)
 
 Timestep convention, used everywhere in this project: t is an integer in [0, T-1]; t = 0 is the first
 noising step (the paper's t = 1), so alphas_cumprod[t] = prod_{s <= t} (1 - betas[s]) and x_0 is the
@@ -51,6 +52,8 @@ class UNetConfig:
 
     def check(self) -> Optional[str]:
         """Return a problem description (for the user) or None."""
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            return f"channel_mult needs one or more width multipliers, each >= 1, got {self.channel_mult}; e.g. 1,2,2,2"
         f = self.downsample_factor
         if self.image_size < 2 * f or self.image_size % f:
             return (f"image size {self.image_size} must be a multiple of {f} and at least {2 * f} for a UNet "
@@ -428,6 +431,12 @@ class GaussianDiffusion:
         eps_hat = eps_theta(x_t, t) - sqrt(1 - abar_t) * s * grad log p(y | x_t, t)
                                         (Dhariwal & Nichol 2021, Sec. 4.2 / Alg. 2; cond_fn returns s * grad)
         Used by both samplers, so a guidance scale means the same for DDPM and DDIM.
+
+        Order: the shift comes before x_0 is clipped to [-1, 1], and eps is then recomputed from the clipped
+        x_0, so eps, x_0 and x_t always agree. openai/guided-diffusion (``condition_score``) clips first,
+        shifts after and leaves the shifted x_0 unclipped. The shift moves x_0 by (1 - abar_t) / sqrt(abar_t)
+        * s * grad, large at large t, and where that leaves [-1, 1] the clip keeps only part of it. So a scale
+        here is not the paper's scale for the same effect; compare scales within this code only.
         """
         with torch.no_grad():
             eps = model(x_t, t).float()

@@ -17,6 +17,7 @@ with the arguments, per-sample probabilities and the summary.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -88,8 +89,9 @@ def get_parser() -> ArgumentParser:
                         "guidance that holds every other attribute at the guide's verdict on the input "
                         f"(default {DEFAULT_PRESERVE:g} with such a guide, 0 otherwise; 0: off)")
     p.add_argument("--retry_scales", action="store_true",
-                   help="counterfactuals: retry images that did not flip, by the guide's verdict, at the next larger "
-                        "scale (as DiME; the oracle only judges)")
+                   help="counterfactuals: retry images that did not flip, by the guide's verdict, at the next "
+                        "--guidance_scale in the order given, so give them smallest first (as DiME; the oracle "
+                        "only judges)")
     return p
 
 
@@ -126,11 +128,17 @@ def load_run(run_dir: str, device):
     net, diffusion, d_ckpt = load_diffusion(os.path.join(run_dir, "diffusion_final.pth"), device)
     clf, c_ckpt = load_classifier(os.path.join(run_dir, "classifier_best.pth"), device)
     oracle, o_ckpt = load_oracle(os.path.join(run_dir, "oracle_best.pth"), device)
+    check_compatible(d_ckpt, c_ckpt, f"{run_dir}/classifier_best.pth")
+    check_compatible(d_ckpt, o_ckpt, f"{run_dir}/oracle_best.pth")
     return net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt
 
 
 def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
-    """Classifier / oracle and diffusion model must agree on image size (and schedule, for the guide)."""
+    """Classifier / oracle and diffusion model must agree on dataset and image size (and schedule, for the guide).
+    The attribute may differ: the diffusion model is unconditional, so any guide of its dataset can steer it."""
+    if other.get("dataset") != d_ckpt.get("dataset"):
+        raise UserError(f"{flag} was trained on {other.get('dataset')} but the diffusion model on "
+                        f"{d_ckpt.get('dataset')}; use checkpoints trained on the same dataset")
     if other["image_size"] != d_ckpt["image_size"]:
         raise UserError(f"{flag} was trained on {other['image_size']}x{other['image_size']} images but the diffusion "
                         f"model on {d_ckpt['image_size']}x{d_ckpt['image_size']}; use checkpoints from the same run")
@@ -331,16 +339,50 @@ def list_input_images(paths: list) -> list:
     return files
 
 
-def dataset_inputs(d_ckpt: dict, n: int, target: int, data_root: str | None):
-    """N test-split images whose true label is not the target, as the model was trained (size, subset)."""
+def check_outputs_spare_inputs(output: str, inputs: list, input_files: list) -> None:
+    """The grid, its .json and its sample folder must not overwrite an --input image or land in an --input
+    folder, where the next run would read them as inputs."""
+    stem = os.path.splitext(output)[0]
+    written = {os.path.realpath(p) for p in (output, stem + ".json")}
+    into = written | {os.path.join(os.path.realpath(stem), "sample.png")}     # the sample folder's files
+    clash = [f for f in input_files if os.path.realpath(f) in written]
+    clash += [p for p in inputs if os.path.isdir(p) and os.path.realpath(p) in {os.path.dirname(w) for w in into}]
+    if clash:
+        raise UserError(f"--output '{output}' would write over or into --input '{clash[0]}'; "
+                        f"choose an --output outside the inputs")
+
+
+def sample_files(records: list) -> set:
+    """The per-sample file names (inside the sample folder) that a summary's "samples" records list."""
+    found = set()
+    for rec in records:
+        for v in (rec, *rec.values()):
+            if isinstance(v, dict) and isinstance(v.get("file"), str) and os.path.basename(v["file"]) == v["file"]:
+                found.add(v["file"])
+    return found
+
+
+def earlier_sample_files(json_path: str) -> set:
+    """Per-sample files an earlier run with the same --output listed in its summary (none if it has none)."""
+    try:
+        with open(json_path) as f:
+            records = json.load(f).get("samples", [])
+        return sample_files(records) if isinstance(records, list) else set()
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def dataset_inputs(d_ckpt: dict, attribute: str, attribute_index: int, n: int, target: int, data_root: str | None):
+    """N test-split images whose true ``attribute`` (the steered one, column ``attribute_index``) is not the
+    target, at the diffusion model's size and subset."""
     a = d_ckpt["args"]
     split = load_split(d_ckpt["dataset"], "test", d_ckpt["image_size"], data_root or a.get("data_root", "./data"),
                        a.get("subset_fraction", 0.5), a.get("seed", 0), None, False, 0, verbose=True)
-    keep = torch.nonzero(split.attrs[:, d_ckpt["attribute_index"]] != target).squeeze(1)[:n]
+    keep = torch.nonzero(split.attrs[:, attribute_index] != target).squeeze(1)[:n]
     if len(keep) < n:
-        print(f"warning: only {len(keep)} test images have {d_ckpt['attribute']} != {target}; using them all")
+        print(f"warning: only {len(keep)} test images have {attribute} != {target}; using them all")
     if len(keep) == 0:
-        raise UserError(f"no test images with {d_ckpt['attribute']} != {target}; choose the other --target_label")
+        raise UserError(f"no test images with {attribute} != {target}; choose the other --target_label")
     return to_float(split.images[keep]), [split.names[i] for i in keep.tolist()]
 
 
@@ -385,6 +427,8 @@ def main() -> int:
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
     input_files = list_input_images(args.input) if args.input is not None else None
+    if input_files is not None:
+        check_outputs_spare_inputs(args.output, args.input, input_files)
 
     device = resolve_device(args.device, "sampling")
     net, diffusion, d_ckpt = load_diffusion(args.diffusion_model, device)
@@ -398,7 +442,7 @@ def main() -> int:
     if not args.no_guidance or os.path.isfile(args.classifier_model):
         classifier, c_ckpt = load_classifier(args.classifier_model, device)
         check_compatible(d_ckpt, c_ckpt, "--classifier_model")
-    attribute = (c_ckpt or d_ckpt)["attribute"]
+    attribute, attribute_index = (c_ckpt or d_ckpt)["attribute"], (c_ckpt or d_ckpt)["attribute_index"]
     oracle_path = args.oracle_model
     if oracle_path is None:
         beside = os.path.dirname(args.classifier_model if c_ckpt else args.diffusion_model)
@@ -422,7 +466,8 @@ def main() -> int:
         x_in = torch.stack([load_image_file(f, size) for f in input_files])
         x_in, names = to_float(x_in), [os.path.splitext(os.path.basename(f))[0] for f in input_files]
     elif args.from_dataset is not None:
-        x_in, names = dataset_inputs(d_ckpt, args.from_dataset, args.target_label, args.data_root)
+        x_in, names = dataset_inputs(d_ckpt, attribute, attribute_index, args.from_dataset, args.target_label,
+                                     args.data_root)
         names = [os.path.splitext(n)[0] for n in names]
     folder = stem
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.output)), "output folder")
@@ -552,7 +597,13 @@ def main() -> int:
               "guide": args.classifier_model if classifier is not None else None, "oracle": oracle_path,
               "summary": summary, "samples": per_sample}
     json_path = stem + ".json"
+    stale = earlier_sample_files(json_path) - sample_files(per_sample)    # an earlier run's extra samples
     atomic_write_json(json_path, report)
+    stale = [os.path.join(folder, fname) for fname in sorted(stale) if os.path.isfile(os.path.join(folder, fname))]
+    for path in stale:
+        os.remove(path)
+    if stale:
+        print(f"removed {len(stale)} per-sample image(s) that an earlier run wrote to {folder}{os.sep}")
     print_summary(summary, cf_mode, attribute, args.target_label, oracle is not None,
                   steered=classifier is not None and not args.no_guidance)
     print(f"{sum(r.shape[0] for r in results.values())} {what} in {seconds:.1f} s; wrote {args.output}, "

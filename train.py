@@ -1,15 +1,16 @@
 """Train the guiding classifier, the oracle and the diffusion model, in that order.
 
-Demo on the embedded toyfaces data (CPU, minutes):
-    python train.py --dataset toyfaces --image_size 32 --channel_mult 1,2,2 --base_channels 32 \
-        --classifier_epochs 3 --oracle_epochs 3 --diffusion_epochs 20 --batch_size 64 --device cpu --output_dir runs/toy
+Demo on the embedded toyfaces data (CPU, about 15 minutes; the README's first command):
+    python train.py --dataset toyfaces --image_size 32 --base_channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
+        --attn_resolutions 8 --dropout 0 --classifier_channels 32 --classifier_epochs 5 --oracle_epochs 6 \
+        --diffusion_epochs 6 --batch_size 64 --lr 1e-3 --device cpu --output_dir runs/toyfaces
 CelebA (GPU; data under ./data in the official or the Kaggle layout, see README):
     python train.py --attribute Smiling --classifier_epochs 10 --diffusion_epochs 50
 Several GPUs, one node / several nodes:
     torchrun --nproc_per_node=4 train.py --attribute Smiling
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29400 train.py ...
 Continue a run that was stopped (Ctrl-C, kill, crash):
-    python train.py --resume auto --output_dir runs/toy
+    python train.py --resume auto --output_dir runs/toyfaces
 
 Writes to --output_dir: classifier_best.pth, oracle_best.pth, diffusion_epoch_{N}.pth, diffusion_final.pth,
 last.pth (resumable state), train_log.jsonl, samples/diffusion_epoch_{N}.png.
@@ -226,6 +227,16 @@ class Run:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def from_main(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank. Each rank evaluates the whole split itself, and GPUs can disagree in
+        the last bit (cuDNN picks kernels per process); a best-so-far decision made on differing scores would
+        send one rank into ``save``'s barrier alone, and the run would hang."""
+        if self.world == 1:
+            return x
+        y = x.to(self.device, copy=True).contiguous()
+        dist.broadcast(y, src=0)
+        return y.to(x.device)
 
     def save(self, obj, name: str) -> None:
         """Rank 0 writes atomically; the others wait so no one reads a half-made checkpoint."""
@@ -452,7 +463,7 @@ def classifier_accuracy(model, diffusion, split, attr_idx, t_value, run, batch_s
         with run.autocast:
             logits = model(x_t, t, all_outputs=True).float().cpu()
         correct = correct + ((logits > 0) == y.bool()).float().sum(0)
-    return correct / len(split)
+    return run.from_main(correct / len(split))
 
 
 @torch.no_grad()
@@ -464,7 +475,7 @@ def oracle_accuracy(model, split, run, batch_size=256) -> torch.Tensor:
         with run.autocast:
             pred = (model(x).float() > 0).cpu()
         correct += (pred == split.attrs[i:i + batch_size].bool()).float().sum(0)
-    return correct / len(split)
+    return run.from_main(correct / len(split))
 
 
 def eval_timesteps(T: int) -> tuple:
@@ -488,6 +499,7 @@ def main() -> int:
             if k not in RUNTIME_ARGS and hasattr(args, k):
                 setattr(args, k, tuple(v) if isinstance(v, list) else v)
     check_args(args)
+    device, rank, world = setup_device(args)          # a bad --device fails here, before anything is written
     ensure_writable_dir(args.output_dir)
     if resume_state is None and not args.overwrite:
         found = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(args.output_dir, f))]
@@ -495,8 +507,6 @@ def main() -> int:
             raise UserError(f"'{args.output_dir}' already holds {', '.join(found)}; pass --resume auto to continue "
                             f"that run or --overwrite to start over (or choose another --output_dir)")
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
-
-    device, rank, world = setup_device(args)
     run = Run(args, device, rank, world, resume_state)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)

@@ -14,7 +14,6 @@ On toyfaces the true counterfactual of every test face is known (the same face r
 attribute changed), so the table also gives the L1 distance to it, and a "truth" row per direction: the
 oracle's verdict on the true counterfactuals, i.e. the best flip rate and MNAC this oracle can report.
 """
-import json
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
+from common import (ArgumentParser, UserError, atomic_write_json, autocast, check_output_file, check_positive,  # noqa: E402
+                    resolve_device, run_main)  # noqa: E402
 from dataset import to_float, toyface_counterfactuals  # noqa: E402
 from generate import (DEFAULT_PRESERVE, counterfactual_metrics, dataset_inputs, encode, guide_probability,  # noqa: E402
                       load_run, make_counterfactuals, oracle_probabilities)
@@ -60,6 +60,10 @@ def main():
         raise UserError(f"--strengths must lie in [0, 1], got {args.strengths}; e.g. --strengths 0.3 0.5 0.7")
     if any(t not in (0, 1) for t in args.targets):
         raise UserError(f"--targets must be 0 or 1, got {args.targets}; e.g. --targets 1 0")
+    if args.invert and args.sampler != "ddim":
+        raise UserError("--invert is DDIM inversion; add --sampler ddim or drop --invert")
+    check_positive("--preserve", args.preserve, allow_zero=True)
+    check_output_file(args.json, "--json")
 
     device = resolve_device(args.device, "sampling")
     net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt = load_run(args.run_dir, device)
@@ -67,6 +71,9 @@ def main():
     amp = autocast(device, args.precision)
     toy = d_ckpt["dataset"] == "toyfaces"
     preserve = args.preserve if args.preserve is not None else (DEFAULT_PRESERVE if clf.cfg.num_outputs > 1 else 0.0)
+    if preserve and clf.cfg.num_outputs == 1:
+        raise UserError(f"--preserve needs a guide that knows every attribute, but the one in '{args.run_dir}' learned "
+                        f"only {c_ckpt['attribute']}; train it with train.py --guide_all_attributes, or drop --preserve")
     rows = []
 
     def add_row(m, target, strength, scale, x_cf, x_true, seconds):
@@ -79,7 +86,7 @@ def main():
               f"L1 {m['l1_mean']:.3f}  ({seconds:.0f} s)", flush=True)
 
     for target in args.targets:
-        x_in, names_in = dataset_inputs(d_ckpt, args.n, target, None)
+        x_in, names_in = dataset_inputs(d_ckpt, c_ckpt["attribute"], c_ckpt["attribute_index"], args.n, target, None)
         o_before = oracle_probabilities(oracle, x_in, device)
         x_true = None
         if toy:           # the exact counterfactuals: what a perfect editor returns, judged by the same oracle
@@ -118,8 +125,7 @@ def main():
               f"{m['l1_mean']:.3f} ± {m['l1_std']:.3f} |" + (f" {m['l1_to_truth']:.3f} |" if toy else "")
               + (f" {m.get('mask_area', 0):.1%} |" if args.localize else ""))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "args": vars(args), "preserve": preserve}, f, indent=2)
+        atomic_write_json(args.json, {"rows": rows, "args": vars(args), "preserve": preserve})
 
 
 def _g(v) -> str:

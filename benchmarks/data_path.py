@@ -22,7 +22,6 @@ now memory-mapped from the .npy, exactly as train.py reads it on a second run.
    timed (workers start, caches warm).
 The repeats interleave the two paths; the table shows medians and the median of the per-repeat ratios.
 """
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,8 @@ sys.path.insert(1, os.path.join(os.path.dirname(HERE), "tests"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
+from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json, autocast, check_output_file,  # noqa: E402
+                    check_positive, resolve_device, run_main)  # noqa: E402
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402
@@ -128,6 +128,7 @@ def main() -> int:
     for name in ("n_images", "image_size", "batch_size", "steps", "repeats", "base_channels", "num_res_blocks"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--num_workers", args.num_workers, allow_zero=True)
+    check_output_file(args.json, "--json")
     cfg = checked_unet_config(args)
     n_train = sum(1 for i in range(args.n_images) if i % 5 < 3)           # make_celeba: split codes 0,0,0,1,2
     if n_train < args.batch_size:
@@ -206,10 +207,9 @@ def main() -> int:
     print(f"| ratio cache/JPEG | {ratio_data:.2f} | n/a | {ratio_train:.2f} | n/a |")
     print(f"\ncache / JPEG data throughput: {ratio_data:.1f}x (target >= 20x: {'met' if ratio_data >= 20 else 'NOT met'})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "n_train": len(split), "data_images_per_s": rate, "data_wait_fraction": wait,
-                       "train_images_per_s": train_ips, "ms_per_step": step_ms,
-                       "ratio_cache_over_jpeg": {"data": ratio_data, "train": ratio_train}}, f, indent=2)
+        atomic_write_json(args.json, {"args": vars(args), "n_train": len(split), "data_images_per_s": rate,
+                                      "data_wait_fraction": wait, "train_images_per_s": train_ips, "ms_per_step": step_ms,
+                                      "ratio_cache_over_jpeg": {"data": ratio_data, "train": ratio_train}})
     return 0
 
 

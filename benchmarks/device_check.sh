@@ -11,8 +11,8 @@
 # step on the GPU, and a short 64x64 toyfaces run with the sampling benchmark on it (seconds per image, oracle
 # rates, the guided/unguided cost of one step). Output goes to ${OUT:-device_out}/: tests.log or bench.log
 # with everything printed, and train.json, train_compile.json, data.json, sampling.json, train_log.jsonl.
-# Each step has its own time limit, and the JSON files are written as results come in, so a step that runs
-# out of time costs only its own figures.
+# Each step has its own time limit and writes its JSON file when it ends (sampling.json after every row),
+# so a step that runs out of time costs only its own figures.
 #
 # diffusers is pure Python. Where the machine lacks it, copy it (and any module it misses there) into
 # .device_site/ here, which git ignores, and carry that folder: the script puts it on PYTHONPATH.
@@ -44,8 +44,8 @@ tests() {
 
 bench() {
   machine
-  step "training throughput, default 64x64 UNet, batch 32, bf16 (eager)"
-  timeout 75 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --json "$OUT/train.json"
+  step "training throughput, default 64x64 UNet, batch 32, bf16 (eager), and where a step's GPU time goes"
+  timeout 90 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --breakdown --json "$OUT/train.json"
   step "the two paths of each dual-path layer on the GPU (does the transposed-conv upsampling pay there too?)"
   timeout 45 $PY benchmarks/layer_paths.py --device cuda --batch_size 32 --iters 20
   step "training throughput, --compile"

@@ -12,7 +12,6 @@ Whole-run times on a shared machine drift by tens of percent between runs, so th
 also measured per step: one DDPM step (``p_sample``) on a batch of --batch_size, unguided and guided,
 interleaved --step_repeats times in this process, and the median of the per-pair ratios reported.
 """
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from classifier import make_cond_fn  # noqa: E402
-from common import ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
+from common import (ArgumentParser, UserError, atomic_write_json, autocast, check_output_file, check_positive,  # noqa: E402
+                    resolve_device, run_main)  # noqa: E402
 from dataset import load_split  # noqa: E402
 from generate import generate_images, load_run, oracle_probabilities  # noqa: E402
 from train_throughput import sync  # noqa: E402
@@ -94,6 +94,7 @@ def main():
     check_positive("--guidance_scale", args.guidance_scale, allow_zero=True)
     check_positive("--step_repeats", args.step_repeats, allow_zero=True)
     configs = [parse_config(c) for c in args.configs]
+    check_output_file(args.json, "--json")
 
     device = resolve_device(args.device, "sampling")
     net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt = load_run(args.run_dir, device)
@@ -122,8 +123,7 @@ def main():
 
     def write_json():                  # after every row, so a run stopped part-way keeps what it measured
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"base_rate": base_rate, "rows": rows, "step": step, "args": vars(args)}, f, indent=2)
+            atomic_write_json(args.json, {"base_rate": base_rate, "rows": rows, "step": step, "args": vars(args)})
 
     write_json()
     for sampler, steps, eta in configs:

@@ -49,7 +49,6 @@ Remaining differences:
   - initialisation: ours zero-initialises the last conv of each block and the output (speed-neutral).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -65,7 +64,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from common import PRECISION_HELP, ArgumentParser, UserError, autocast, check_positive, resolve_device, run_main  # noqa: E402
+from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json, autocast, check_output_file,  # noqa: E402
+                    check_positive, resolve_device, run_main)  # noqa: E402
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample  # noqa: E402
 from train import add_unet_args, make_optimizer  # noqa: E402
 
@@ -233,6 +233,7 @@ def main() -> int:
     check_positive("--warmup", args.warmup, allow_zero=True)
     if args.breakdown and args.count_only:
         raise UserError("--breakdown profiles training steps, which --count_only skips; drop one of them")
+    check_output_file(args.json, "--json")
     cfg = checked_unet_config(args)
     try:
         import diffusers  # noqa: F401
@@ -320,8 +321,7 @@ def main() -> int:
     if args.breakdown:
         print_breakdown(result["breakdown_ms_per_step"], 1e3 * args.batch_size / med["diffusers"])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -173,3 +173,13 @@ def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_pa
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--strengths", 1.5), "--strengths", "[0, 1]")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--targets", 2), "--targets")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--resample", 0), "--resample must be > 0")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--invert"), "--invert", "--sampler ddim")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--preserve", -1), "--preserve must be >= 0")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--preserve", 0.1),
+                      "--preserve needs a guide that knows every attribute")
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", out, "--json", tmp_path), "--json", "is a folder")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--json", tmp_path / "afile" / "r.json"),
+                      "cannot write", "afile")
+    assert_user_error(bad("benchmarks/train_throughput.py", "--json", tmp_path / "afile" / "r.json"),
+                      "cannot write", "afile")

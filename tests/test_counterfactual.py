@@ -9,6 +9,7 @@ from PIL import Image
 
 from classifier import Oracle, OracleConfig
 from common import load_checkpoint
+from dataset import attribute_names, load_split
 from generate import DEFAULT_PRESERVE, counterfactual_metrics, edit_mask, load_oracle
 from fakes import TINY, assert_ok, assert_user_error, run
 
@@ -95,6 +96,30 @@ def test_localized_counterfactuals_keep_the_input_outside_the_mask(toy_run, tmp_
         assert same >= 1 - rec["s=100"]["mask_area"] - 1e-4          # mask_area is rounded to 4 digits
         kept.append(same)
     assert min(kept) < 1                                                 # and something did change
+
+
+def test_from_dataset_picks_inputs_by_the_steered_attribute(toy_run, tmp_path):
+    """The diffusion model is unconditional, so a guide for another attribute may steer it: --from_dataset
+    then takes test images whose label of the guide's attribute (not the diffusion run's) is off target."""
+    out, _ = toy_run
+    guide = torch.load(out / "classifier_best.pth", weights_only=True)
+    assert guide["attribute"] != "Eyeglasses"
+    names = attribute_names("toyfaces")
+    guide["attribute"], guide["attribute_index"] = "Eyeglasses", names.index("Eyeglasses")
+    torch.save(guide, tmp_path / "eyeglasses_guide.pth")
+    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+               tmp_path / "eyeglasses_guide.pth", "--oracle_model", out / "oracle_best.pth", "--from_dataset", 6,
+               "--target_label", 1, "--strength", 0, "--device", "cpu", "--output", tmp_path / "cf.png")
+    assert_ok(proc)
+    report = json.loads((tmp_path / "cf.json").read_text())
+    assert report["attribute"] == "Eyeglasses" and len(report["samples"]) == 6
+    d_ckpt = load_checkpoint(str(out / "diffusion_final.pth"))
+    split = load_split("toyfaces", "test", d_ckpt["image_size"], subset_fraction=d_ckpt["args"]["subset_fraction"],
+                       seed=d_ckpt["args"]["seed"], verbose=False)
+    label = {os.path.splitext(n)[0]: split.attrs[i] for i, n in enumerate(split.names)}
+    chosen = [label[rec["name"]] for rec in report["samples"]]
+    assert all(a[names.index("Eyeglasses")] == 0 for a in chosen)                 # off target for the guide
+    assert any(a[d_ckpt["attribute_index"]] == 1 for a in chosen)    # not picked by the diffusion run's attribute
 
 
 def test_edit_mask_closed_form():

@@ -99,6 +99,27 @@ def test_p_sample_with_true_x0_is_the_posterior(diffusion):
     assert torch.allclose(diffusion.p_sample(model, x1, t0, t0 - 1), x0, atol=1e-5)
 
 
+def test_p_sample_over_a_skipped_schedule_is_the_bayes_posterior(diffusion):
+    """DDPM-100 and other respaced schedules step t -> s < t - 1. With a perfect eps-network the step must draw
+    from q(x_s | x_t, x_0), here derived by Bayes' rule as a product of two Gaussians instead of Eq. 7's form:
+    x_t | x_s ~ N(a x_s, v1), a^2 = abar_t / abar_s, v1 = 1 - a^2;  x_s | x_0 ~ N(sqrt(abar_s) x_0, v0 = 1 - abar_s);
+    precision 1/var = a^2 / v1 + 1 / v0,  mean = var * (a x_t / v1 + sqrt(abar_s) x_0 / v0)."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8
+    model = TrueNoise(diffusion, x0)
+    for t_val, s_val in ((400, 300), (999, 989), (50, 9)):
+        t, s = torch.tensor([t_val, t_val]), torch.tensor([s_val, s_val])
+        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        out = diffusion.p_sample(model, xt, t, s, generator=torch.Generator().manual_seed(7))
+        abar_t, abar_s = (diffusion.alphas_cumprod[v].double() for v in (t_val, s_val))
+        a2, v0 = abar_t / abar_s, 1 - abar_s
+        v1 = 1 - a2
+        var = 1 / (a2 / v1 + 1 / v0)
+        mean = var * (a2.sqrt() * xt.double() / v1 + abar_s.sqrt() * x0.double() / v0)
+        z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7)).double()
+        assert torch.allclose(out.double(), mean + var.sqrt() * z, atol=1e-5), (t_val, s_val)
+
+
 def test_ddim_eta0_is_deterministic_and_recovers_x0(diffusion):
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(3, 3, 8, 8, generator=g) * 1.8 - 0.9

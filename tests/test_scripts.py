@@ -77,6 +77,12 @@ def test_generate_no_guidance_needs_no_classifier(toy_run, tmp_path):
     report = json.loads((tmp_path / "generated_samples.json").read_text())
     assert list(report["summary"]) == ["unguided"] and report["guide"] is None
     assert len(os.listdir(tmp_path / "generated_samples")) == 4
+    # a second, smaller run with the same --output leaves no images of the first behind
+    (tmp_path / "generated_samples" / "notes.txt").write_text("the user's own file")
+    proc = run("generate.py", "--no_guidance", "--num_samples", 2, "--device", "cpu", "--steps", 5, cwd=tmp_path)
+    assert_ok(proc)
+    assert "removed 2 per-sample image(s) that an earlier run wrote" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "generated_samples")) == ["notes.txt", "sample_0000.png", "sample_0001.png"]
 
 
 def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
@@ -109,6 +115,10 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     (["--output_dir", "{tmp}/afile/sub"], ["cannot write", "afile"]),
     (["--channel_mult", "1,x"], ["--channel_mult"]),
     (["--dataset", "mnist"], ["--dataset"]),
+    (["--channel_mult", ""], ["channel_mult needs one or more width multipliers"]),
+    (["--channel_mult", "1,0"], ["each >= 1"]),
+    (["--device", "foo"], ["--device 'foo' is not a device name"]),
+    (["--device", "meta"], ["cpu, cuda, cuda:N or mps"]),
 ])
 def test_train_bad_input(tmp_path, extra, fragments, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
@@ -136,9 +146,12 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (tmp_path / "truncated.pth").write_bytes(truncated[:len(truncated) // 2])
     (tmp_path / "afile").write_text("x")
     (tmp_path / "garbage.png").write_bytes(b"this is not a png")
+    (tmp_path / "faces").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "faces" / "a.png")
     _, c_out, _ = celeba_run
     shutil.copy(c_out / "diffusion_final.pth", tmp_path / "celeba_diffusion.pth")
     shutil.copy(c_out / "classifier_best.pth", tmp_path / "celeba_classifier.pth")
+    shutil.copy(c_out / "oracle_best.pth", tmp_path / "celeba_oracle.pth")
     return tmp_path
 
 
@@ -169,8 +182,13 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--resample", "0", "--from_dataset", "4", "--localize"], ["--resample must be > 0"]),
     (["--resample", "2", "--from_dataset", "4"], ["--resample", "--localize"]),
     (["--input", "nothere.png"], ["nothere.png", "does not exist"]),
+    (["--input", "garbage.png", "--output", "garbage.png"], ["would write over or into", "garbage.png"]),
+    (["--input", "faces", "--output", "faces/cf.png"], ["would write over or into", "'faces'"]),
+    (["--input", "faces", "--output", "faces.png"], ["would write over or into", "'faces'"]),   # its sample folder
+    (["--classifier_model", "celeba_classifier.pth"], ["trained on celeba", "toyfaces", "same dataset"]),
+    (["--device", "foo"], ["--device 'foo' is not a device name"]),
     (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
-      "celeba_classifier.pth", "--data_root", "nowhere"], ["CelebA not found"]),
+      "celeba_classifier.pth", "--oracle_model", "celeba_oracle.pth", "--data_root", "nowhere"], ["CelebA not found"]),
 ])
 def test_generate_bad_input(gen_dir, extra, fragments, capsys, monkeypatch):
     before = snapshot(gen_dir)
