@@ -19,7 +19,8 @@ torch.profiler and splits a step by kind of op (self time of each op: CPU time o
 on CUDA; "other" is the rest of the wall time: elementwise ops, copies, Python, an idle GPU, and the
 profiler's own per-op cost, so a profiled step is slower than a timed one). It also prints the conv-bound
 ceiling: the ratio ours would reach if everything but its convolutions took no time (diffusers' timed step
-over ours' profiled convolution time).
+over ours' profiled convolution time), and the convolutions' rate: 3 x forward FLOPs per step over their
+time, an upper bound since the count includes the few FLOPs outside convolutions.
 
 How diffusers is configured to match ``UNet(UNetConfig)``:
   block_out_channels = base_channels * channel_mult[i]; layers_per_block = num_res_blocks (its decoder also
@@ -319,20 +320,25 @@ def main() -> int:
     mfu_ratio = "n/a" if mfu is None else f"{mfu['ours'] / mfu['diffusers']:.3f}"
     print(f"| ratio ours/diffusers | {ratio_params:.3f} | {ratio_flops:.3f} | {speed} | {mfu_ratio} |")
     if args.breakdown:
-        print_breakdown(result["breakdown_ms_per_step"], 1e3 * args.batch_size / med["diffusers"])
+        print_breakdown(result["breakdown_ms_per_step"], 1e3 * args.batch_size / med["diffusers"],
+                        {k: 3 * flops[k] * args.batch_size for k in models})
     if args.json:
         atomic_write_json(args.json, result)
     return 0
 
 
-def print_breakdown(ms: dict, theirs_step_ms: float) -> None:
-    """The --breakdown table, one row per kind of op, and the conv-bound ceiling against diffusers' timed step."""
+def print_breakdown(ms: dict, theirs_step_ms: float, flops_per_step: dict) -> None:
+    """The --breakdown table, one row per kind of op; the convolutions' rate; the conv-bound ceiling against
+    diffusers' timed step."""
     print("\nwhere a step goes (profiled, ms per step and share of the step):\n")
     print("| kind of op | ours ms | ours share | diffusers ms | diffusers share |")
     print("|---|---|---|---|---|")
     for kind in [kind for kind, _ in OP_KINDS] + ["other", "step"]:
         cells = " | ".join(f"{ms[k][kind]:.1f} | {100 * ms[k][kind] / ms[k]['step']:.1f}%" for k in ("ours", "diffusers"))
         print(f"| {kind} | {cells} |")
+    rate = {k: flops_per_step[k] / (ms[k]["convolution"] / 1e3) / 1e9 for k in ms}
+    print(f"\nconvolution rate, at most (3 x forward FLOPs per step / convolution time): ours {rate['ours']:.0f}, "
+          f"diffusers {rate['diffusers']:.0f} GFLOP/s")
     ceiling = theirs_step_ms / ms["ours"]["convolution"]
     print(f"\nconv-bound ceiling: ours would run at {ceiling:.2f}x diffusers' images/s if everything but its "
           f"convolutions took no time")

@@ -57,6 +57,7 @@ def test_train_throughput(tmp_path):
     assert rows["step"][2] == "100.0%" and rows["step"][4] == "100.0%"
     ceiling = float(breakdown.split("ours would run at ")[1].split("x")[0])
     assert ceiling > 0
+    assert "convolution rate, at most" in breakdown and "GFLOP/s" in breakdown
 
 
 def test_train_throughput_breakdown_needs_the_timing():
