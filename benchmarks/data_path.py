@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json, autocast, check_output_file,  # noqa: E402
-                    check_positive, resolve_device, run_main)  # noqa: E402
+                    check_positive, resolve_device, run_main)
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402

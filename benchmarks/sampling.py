@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from classifier import make_cond_fn  # noqa: E402
 from common import (ArgumentParser, UserError, atomic_write_json, autocast, check_output_file, check_positive,  # noqa: E402
-                    resolve_device, run_main)  # noqa: E402
+                    resolve_device, run_main)
 from dataset import load_split  # noqa: E402
 from generate import generate_images, load_run, oracle_probabilities  # noqa: E402
 from train_throughput import sync  # noqa: E402

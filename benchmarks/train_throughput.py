@@ -66,7 +66,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json, autocast, check_output_file,  # noqa: E402
-                    check_positive, resolve_device, run_main)  # noqa: E402
+                    check_positive, resolve_device, run_main)
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample  # noqa: E402
 from train import add_unet_args, make_optimizer  # noqa: E402
 
@@ -181,7 +181,7 @@ OP_KINDS = (
     ("convolution", ("conv",)),                                   # forward, backward, transposed, cuDNN/oneDNN
     ("matmul and attention", ("mm", "linear", "attention", "softmax")),   # mm, bmm, addmm, SDPA kernels
     ("GroupNorm and SiLU", ("group_norm", "silu")),
-    ("dropout masks", ("bernoulli", "random_")),
+    ("dropout", ("dropout", "bernoulli", "random_")),            # CUDA's fused kernel; CPU mask draws
     ("optimizer and clipping", ("adam", "foreach", "norm")),     # fused AdamW, clip_grad_norm_'s norms
 )
 

@@ -48,7 +48,7 @@ def test_train_throughput(tmp_path):
     # --breakdown: every kind of op has a row, the kinds and "other" add up to the profiled step
     header, rows = table(breakdown)
     assert header == ["kind of op", "ours ms", "ours share", "diffusers ms", "diffusers share"]
-    kinds = ["convolution", "matmul and attention", "GroupNorm and SiLU", "dropout masks", "optimizer and clipping"]
+    kinds = ["convolution", "matmul and attention", "GroupNorm and SiLU", "dropout", "optimizer and clipping"]
     assert list(rows) == kinds + ["other", "step"]
     for model in ("ours", "diffusers"):
         ms = result["breakdown_ms_per_step"][model]
