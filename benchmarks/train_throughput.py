@@ -32,7 +32,9 @@ How diffusers is configured to match ``UNet(UNetConfig)``:
   proj 1x1 conv hold the same weights), residual; conv stride-2 downsampling; nearest x2 + conv3x3
   upsampling; GroupNorm-SiLU-conv3x3 head. The skip connections are the same (conv_in, every block, every
   downsampler; concatenated as [h, skip]). So the parameter counts come out equal, and so do the FLOPs
-  of the architecture (but see the upsampling below).
+  of the architecture (but see the upsampling below). Each run checks this: ``ours_as_diffusers_state``
+  renames our (random) weights to diffusers' names, the twin loads them strictly, and the two outputs must
+  agree (printed as "same function"; skipped when a note below says the two differ).
 Remaining differences:
   - GroupNorm groups: ours uses gcd(32, C) per layer, diffusers one ``norm_num_groups``; we pass the
     smallest of ours (32 for every default width). Same parameters either way.
@@ -50,6 +52,7 @@ Remaining differences:
   - initialisation: ours zero-initialises the last conv of each block and the output (speed-neutral).
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -166,6 +169,79 @@ def diffusers_twin(cfg: UNetConfig, ours: UNet):
     return DiffusersEps(net), notes
 
 
+def ours_as_diffusers_state(ours: UNet) -> dict:
+    """Our UNet's weights under UNet2DModel's names and shapes (its ``load_state_dict`` then takes them strictly).
+
+    Walks our layout (``down``/``up``: per level, one entry per res block, each [ResBlock(, AttnBlock)],
+    then a Down/Upsample; ``mid`` = Res, Attn, Res) in diffusers' order. Our qkv 1x1 conv (3C, C, 1, 1) holds
+    q, k, v stacked along its outputs, head-major inside each, as diffusers' to_q, to_k, to_v (C, C)."""
+    cfg, sd, out = ours.cfg, ours.state_dict(), {}
+
+    def put(src, dst, flatten=False):
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = sd[f"{src}.{p}"].flatten(1) if flatten and p == "weight" else sd[f"{src}.{p}"]
+
+    def res(src, dst):
+        for a, b in (("norm1", "norm1"), ("conv1", "conv1"), ("temb", "time_emb_proj"), ("norm2", "norm2"),
+                     ("conv2", "conv2")) + ((("skip", "conv_shortcut"),) if f"{src}.skip.weight" in sd else ()):
+            put(f"{src}.{a}", f"{dst}.{b}")
+
+    def attn(src, dst):
+        put(f"{src}.norm", f"{dst}.group_norm")
+        w, b = sd[f"{src}.qkv.weight"].flatten(1), sd[f"{src}.qkv.bias"]          # (3C, C, 1, 1) -> (3C, C)
+        for name, w_i, b_i in zip("qkv", w.chunk(3), b.chunk(3)):                  # 3 x (C, C)
+            out[f"{dst}.to_{name}.weight"], out[f"{dst}.to_{name}.bias"] = w_i, b_i
+        put(f"{src}.proj", f"{dst}.to_out.0", flatten=True)
+
+    def entry(src, block, j):
+        res(f"{src}.0", f"{block}.resnets.{j}")
+        if f"{src}.1.qkv.weight" in sd:
+            attn(f"{src}.1", f"{block}.attentions.{j}")
+
+    put("conv_in", "conv_in")
+    put("temb_mlp.0", "time_embedding.linear_1")
+    put("temb_mlp.2", "time_embedding.linear_2")
+    levels, k = len(cfg.channel_mult), 0
+    for i in range(levels):                                   # encoder, finest level first
+        for j in range(cfg.num_res_blocks):
+            entry(f"down.{k}", f"down_blocks.{i}", j)
+            k += 1
+        if i < levels - 1:
+            put(f"down.{k}.conv", f"down_blocks.{i}.downsamplers.0.conv")
+            k += 1
+    res("mid.0", "mid_block.resnets.0")
+    attn("mid.1", "mid_block.attentions.0")
+    res("mid.2", "mid_block.resnets.1")
+    k = 0
+    for u in range(levels):                                   # decoder, coarsest level first
+        for j in range(cfg.num_res_blocks + 1):
+            entry(f"up.{k}", f"up_blocks.{u}", j)
+            k += 1
+        if u < levels - 1:
+            put(f"up.{k}.conv", f"up_blocks.{u}.upsamplers.0.conv")
+            k += 1
+    put("norm_out", "conv_norm_out")
+    put("conv_out", "conv_out")
+    return out
+
+
+def output_difference(ours: UNet, theirs: DiffusersEps, image_size: int) -> float:
+    """Give our UNet random weights (ours zero-initialises its output convs, which would hide any mismatch),
+    copy them into the diffusers model and compare outputs on a random batch: the largest absolute
+    difference over the largest output, in float32 on the CPU. About 1e-7 means the same function."""
+    a, b = copy.deepcopy(ours).cpu().eval(), copy.deepcopy(theirs).cpu().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in a.parameters():     # weights of about 1.5 / sqrt(fan-in): attention logits of a few units,
+            fan_in = p[0].numel() if p.dim() > 1 else 1            # so a swapped q/k or a wrong head shows
+            p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5 if p.dim() > 1 else 0.1))
+        b.net.load_state_dict(ours_as_diffusers_state(a), strict=True)
+        x = torch.randn(2, 3, image_size, image_size, generator=g)
+        t = torch.tensor([10, 900])
+        y_a, y_b = a(x, t), b(x, t)
+    return ((y_a - y_b).abs().max() / y_a.abs().max()).item()
+
+
 def time_steps(step, n: int, device: torch.device) -> float:
     """Seconds for ``n`` calls of ``step``, the device drained before and after."""
     sync(device)
@@ -258,13 +334,15 @@ def main() -> int:
     models = {"ours": ours, "diffusers": theirs}
     params = {k: count_params(m) for k, m in models.items()}
     flops = {k: forward_flops_per_image(m, args.image_size, device) for k, m in models.items()}
+    difference = None if notes else output_difference(ours, theirs, args.image_size)     # notes: they differ
 
     header = (f"{args.image_size}x{args.image_size}, batch {args.batch_size}, base {args.base_channels} x "
               f"{tuple(cfg.channel_mult)}, {args.num_res_blocks} res blocks, attention at {tuple(cfg.attn_resolutions)}, "
               f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
               + f", bf16 autocast {'on' if bf16 else 'off'}"
               + f", compile {'on' if args.compile else 'off'}")
-    result = {"args": vars(args), "params": params, "fwd_flops_per_image": flops, "notes": notes}
+    result = {"args": vars(args), "params": params, "fwd_flops_per_image": flops, "notes": notes,
+              "relative_output_difference": difference}
     ratio_params, ratio_flops = params["ours"] / params["diffusers"], flops["ours"] / flops["diffusers"]
     if abs(ratio_params - 1) > 0.10:
         notes.append(f"parameter counts differ by {abs(ratio_params - 1):.0%} (> 10%): not a like-for-like comparison")
@@ -307,6 +385,11 @@ def main() -> int:
     print(f"train_throughput: {header}" + (f"; {args.steps} steps x {args.repeats} repeats after {args.warmup} "
                                            f"warm-up" if timed else "; counts only")
           + ("" if mfu is None else f"; MFU against a peak of {args.peak_tflops:g} TFLOP/s"))
+    if difference is None:
+        print("same function: not checked, the two differ as the note below says")
+    else:
+        print(f"same function: our (random) weights copied into diffusers' model by name give outputs equal within "
+              f"{difference:.1e} of their largest value (float32, CPU)")
     for note in notes:
         print(f"note: {note}")
     print("\n| model | parameters | fwd GFLOP/image | images/s (median) | ms/step | MFU |")

@@ -40,6 +40,7 @@ def test_train_throughput(tmp_path):
         assert_user_error(proc, INSTALL_HINT)
         return
     assert_ok(proc)
+    assert "same function: not checked, the two differ" in proc.stdout      # TINY_UNET: groups 16 and 32
     main_table, breakdown = proc.stdout.split("where a step goes")
     check_train_throughput_table(main_table)
     result = json.loads(out.read_text())
@@ -76,15 +77,19 @@ def test_train_throughput_without_diffusers():
     assert proc.stderr.strip().count("\n") == 0
 
 
-def test_train_throughput_counts_the_transposed_upsampling():
-    """At 64x64 the CPU runs our 32 -> 64 upsampling as a transposed conv: the count shows it and says why."""
-    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--image_size", "64", "--base_channels", "8",
+def test_train_throughput_counts_the_transposed_upsampling_and_checks_the_twin():
+    """At 64x64 the CPU runs our 32 -> 64 upsampling as a transposed conv: the count shows it and says why.
+    With one GroupNorm group count and one head dim, the diffusers twin computes the same function: our
+    weights, copied in by name, give the same outputs (through that transposed conv, too)."""
+    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--image_size", "64", "--base_channels", "32",
                "--channel_mult", "1,2", "--attn_resolutions", "32", "--num_res_blocks", "1", "--count_only")
     if not HAVE_DIFFUSERS:
         assert_user_error(proc, INSTALL_HINT)
         return
     assert_ok(proc)
     assert "1 upsampling conv(s) as a transposed conv on the CPU" in proc.stdout
+    difference = float(proc.stdout.split("give outputs equal within ")[1].split()[0])
+    assert difference < 1e-5
     params, flops = (float(v) for v in table(proc.stdout)[1]["ratio ours/diffusers"][1:3])
     assert params == 1.0 and 0.9 < flops < 1.0
 
