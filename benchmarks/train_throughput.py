@@ -201,25 +201,21 @@ def ours_as_diffusers_state(ours: UNet) -> dict:
     put("conv_in", "conv_in")
     put("temb_mlp.0", "time_embedding.linear_1")
     put("temb_mlp.2", "time_embedding.linear_2")
-    levels, k = len(cfg.channel_mult), 0
-    for i in range(levels):                                   # encoder, finest level first
-        for j in range(cfg.num_res_blocks):
-            entry(f"down.{k}", f"down_blocks.{i}", j)
-            k += 1
-        if i < levels - 1:
-            put(f"down.{k}.conv", f"down_blocks.{i}.downsamplers.0.conv")
-            k += 1
+    def path(ours_list, theirs_blocks, blocks_per_level, sampler):     # an encoder or decoder, level by level
+        levels, k = len(cfg.channel_mult), 0
+        for i in range(levels):
+            for j in range(blocks_per_level):
+                entry(f"{ours_list}.{k}", f"{theirs_blocks}.{i}", j)
+                k += 1
+            if i < levels - 1:
+                put(f"{ours_list}.{k}.conv", f"{theirs_blocks}.{i}.{sampler}.0.conv")
+                k += 1
+
+    path("down", "down_blocks", cfg.num_res_blocks, "downsamplers")          # encoder, finest level first
     res("mid.0", "mid_block.resnets.0")
     attn("mid.1", "mid_block.attentions.0")
     res("mid.2", "mid_block.resnets.1")
-    k = 0
-    for u in range(levels):                                   # decoder, coarsest level first
-        for j in range(cfg.num_res_blocks + 1):
-            entry(f"up.{k}", f"up_blocks.{u}", j)
-            k += 1
-        if u < levels - 1:
-            put(f"up.{k}.conv", f"up_blocks.{u}.upsamplers.0.conv")
-            k += 1
+    path("up", "up_blocks", cfg.num_res_blocks + 1, "upsamplers")            # decoder, coarsest level first
     put("norm_out", "conv_norm_out")
     put("conv_out", "conv_out")
     return out
