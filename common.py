@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import sys
@@ -58,9 +59,11 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    """A flag's number must be finite and > 0 (or >= 0): a NaN or inf would otherwise pass every comparison
+    and fail (or silently poison the run) only once the work has started."""
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
 
@@ -220,6 +223,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
+
+    def given(self, argv: list | None = None) -> set:
+        """The dests of the flags written on the command line. argparse fills a default only into a dest the
+        namespace lacks, so a namespace pre-filled with a marker keeps it wherever no flag was given."""
+        unset = object()
+        namespace = argparse.Namespace(**dict.fromkeys(vars(self.parse_args([])), unset))
+        return {k for k, v in vars(self.parse_args(argv, namespace=namespace)).items() if v is not unset}
 
 
 # ----------------------------------------------------------------------------------------------

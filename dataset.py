@@ -194,6 +194,15 @@ def _map(fn, jobs: list, num_workers: int, desc: str, verbose: bool):
                 bar.update()
 
 
+def _image_array(n: int, image_size: int) -> np.ndarray:
+    """uint8 (n, 3, S, S) for a decoded split, or a DataError that says what it would take."""
+    try:
+        return np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    except MemoryError:
+        raise DataError(f"{n:,} images at {image_size}x{image_size} need {n * 3 * image_size ** 2 / 2 ** 30:,.1f} "
+                        f"GiB, more memory than this machine gives; lower --image_size or --subset_fraction") from None
+
+
 def _subset(n: int, fraction: float, seed: int, split: str) -> np.ndarray:
     """Sorted indices of a reproducible random subset of round(n * fraction) (>= 1) of range(n)."""
     k = max(1, round(n * fraction))
@@ -357,7 +366,7 @@ def _build_toyfaces(split, image_size, fraction, seed, num_workers, verbose):
     idx = _subset(n, fraction, seed, split)
     _report("toyfaces", split, n, len(idx), fraction, verbose)
     jobs = [(seed, SPLITS.index(split), int(i), image_size) for i in idx]
-    images = np.empty((len(jobs), 3, image_size, image_size), dtype=np.uint8)
+    images = _image_array(len(jobs), image_size)
     attrs = np.empty((len(jobs), len(TOYFACES_ATTRIBUTES)), dtype=np.uint8)
     for k, (img, a) in enumerate(_map(_toyface_job, jobs, num_workers, f"toyfaces {split}", verbose)):
         images[k], attrs[k] = img, a
@@ -411,8 +420,12 @@ def _download_celeba(root: str) -> None:
 
 def _read_rows(path: str) -> tuple[list[str] | None, list[list[str]]]:
     """A CelebA annotation file -> (column names or None, rows of fields). .txt or Kaggle .csv."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{path}' is not text (byte {e.start} is not UTF-8); download the CelebA annotation "
+                        f"files again") from None
     if not lines:
         raise DataError(f"'{path}' is empty; download the CelebA annotation files again")
     if path.endswith(".csv"):
@@ -433,13 +446,13 @@ def _read_celeba_attrs(path: str) -> tuple[list[str], np.ndarray]:
                         f"(found {len(header)} names); download the annotation file again")
     try:
         values = np.array([row[1:] for row in rows], dtype=np.int8)  # (N, 40) of -1/1
-    except ValueError:
-        bad = next(k for k, row in enumerate(rows) if len(row) != 41 or
-                   any(v not in ("1", "-1") for v in row[1:]))
-        raise DataError(f"'{path}': bad row for '{rows[bad][0]}' (expected a name and 40 values "
-                        f"-1/1); download the annotation file again") from None
-    if values.shape != (len(rows), 40) or not np.isin(values, (-1, 1)).all():
-        raise DataError(f"'{path}' holds values other than -1/1; download the annotation file again")
+        ok = values.shape == (len(rows), 40) and np.isin(values, (-1, 1)).all()
+    except (ValueError, OverflowError):                 # ragged rows, words, numbers beyond int8
+        ok = False
+    if not ok:                                          # the slow scan runs only to name the first bad row
+        bad = next(row for row in rows if len(row) != 41 or any(v not in ("1", "-1") for v in row[1:]))
+        raise DataError(f"'{path}': bad row for '{bad[0]}' (expected a name and 40 values -1/1, got "
+                        f"{len(bad) - 1} values); download the annotation file again")
     order = [header.index(name) for name in CELEBA_ATTRIBUTES]
     return [row[0] for row in rows], (values[:, order] > 0).astype(np.uint8)
 
@@ -448,11 +461,14 @@ def _read_celeba_partition(path: str, names: list[str]) -> np.ndarray:
     """-> int (N,) split code 0/1/2 of each of ``names``."""
     _, rows = _read_rows(path)
     table = {row[0]: row[-1] for row in rows}
-    try:
-        return np.array([int(table[name]) for name in names])
-    except (KeyError, ValueError) as e:
-        raise DataError(f"'{path}' has no valid split for {e}; it does not match "
-                        f"list_attr_celeba, download both annotation files again") from None
+    missing = next((name for name in names if name not in table), None)
+    if missing is not None:
+        raise DataError(f"'{path}' has no line for {missing}, which list_attr_celeba lists; download both "
+                        f"annotation files again")
+    bad = next((name for name in names if table[name] not in ("0", "1", "2")), None)
+    if bad is not None:
+        raise DataError(f"'{path}' gives {bad} the split '{table[bad]}' (expected 0, 1 or 2); download it again")
+    return np.array([int(table[name]) for name in names])
 
 
 def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose):
@@ -464,20 +480,20 @@ def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose
     idx = in_split[_subset(n, fraction, seed, split)]
     _report("celeba", split, n, len(idx), fraction, verbose)
     jobs = [(os.path.join(files["images"], names[i]), image_size) for i in idx]
-    images = np.empty((len(jobs), 3, image_size, image_size), dtype=np.uint8)
+    images = _image_array(len(jobs), image_size)
     ok = np.ones(len(jobs), dtype=bool)
     bad = []
     for k, (x, reason) in enumerate(_map(_decode_file, jobs, num_workers, f"celeba {split}", verbose)):
         if x is None:
             ok[k] = False
             bad.append(jobs[k][0])
+            if len(bad) > MAX_UNREADABLE * len(jobs):       # too many already: stop decoding, say so once
+                raise DataError(f"more than {MAX_UNREADABLE:.0%} of the {len(jobs)} images of celeba {split} are "
+                                f"unreadable, e.g. {', '.join(bad[:3])} ({reason}); download or unzip "
+                                f"img_align_celeba again")
             tqdm.write(f"warning: skipping unreadable image {jobs[k][0]} ({reason})", file=sys.stderr)
         else:
             images[k] = x
-    if len(bad) > MAX_UNREADABLE * len(jobs):
-        raise DataError(f"{len(bad)} of {len(jobs)} images of celeba {split} are unreadable "
-                        f"(more than {MAX_UNREADABLE:.0%}), e.g. {', '.join(bad[:3])}; "
-                        f"download or unzip img_align_celeba again")
     keep = idx[ok]
     return images[ok], attrs[keep], [names[i] for i in keep], n, len(bad)
 

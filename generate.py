@@ -341,12 +341,14 @@ def list_input_images(paths: list) -> list:
 
 def check_outputs_spare_inputs(output: str, inputs: list, input_files: list) -> None:
     """The grid, its .json and its sample folder must not overwrite an --input image or land in an --input
-    folder, where the next run would read them as inputs."""
+    folder, where the next run would read them as inputs. An input inside the sample folder is refused too:
+    a rerun writes that folder's sample_*.png and removes the ones the earlier run listed."""
     stem = os.path.splitext(output)[0]
     written = {os.path.realpath(p) for p in (output, stem + ".json")}
     into = written | {os.path.join(os.path.realpath(stem), "sample.png")}     # the sample folder's files
-    clash = [f for f in input_files if os.path.realpath(f) in written]
-    clash += [p for p in inputs if os.path.isdir(p) and os.path.realpath(p) in {os.path.dirname(w) for w in into}]
+    clash = [p for p in inputs if os.path.isdir(p) and os.path.realpath(p) in {os.path.dirname(w) for w in into}]
+    clash += [f for f in input_files if os.path.realpath(f) in written
+              or os.path.dirname(os.path.realpath(f)) == os.path.realpath(stem)]
     if clash:
         raise UserError(f"--output '{output}' would write over or into --input '{clash[0]}'; "
                         f"choose an --output outside the inputs")
@@ -397,8 +399,8 @@ def main() -> int:
     check_positive("--batch_size", args.batch_size)
     check_positive("--steps", args.steps)
     check_positive("--from_dataset", args.from_dataset)
-    if any(s < 0 for s in args.guidance_scale):
-        raise UserError(f"--guidance_scale must be >= 0, got {min(args.guidance_scale)}; 0 means no guidance")
+    for scale in args.guidance_scale:
+        check_positive("--guidance_scale", scale, allow_zero=True)          # 0 means no guidance
     if not 0.0 <= args.strength <= 1.0:
         raise UserError(f"--strength must be in [0, 1], got {args.strength}")
     if not 0.0 <= args.eta <= 1.0:
@@ -426,6 +428,10 @@ def main() -> int:
     stem, ext = os.path.splitext(args.output)
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
+    for path, what in ((args.output, "grid"), (stem + ".json", "summary"), (stem, "sample folder")):
+        if os.path.exists(path) and os.path.isdir(path) != (what == "sample folder"):   # checked again on writing
+            raise UserError(f"--output '{args.output}': its {what} '{path}' would replace an existing "
+                            f"{'file' if what == 'sample folder' else 'folder'}; choose another --output")
     input_files = list_input_images(args.input) if args.input is not None else None
     if input_files is not None:
         check_outputs_spare_inputs(args.output, args.input, input_files)

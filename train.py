@@ -43,8 +43,10 @@ from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 STAGES = ("classifier", "oracle", "diffusion")
 OUTPUT_FILES = ("classifier_best.pth", "oracle_best.pth", "diffusion_final.pth", "last.pth")
+# flags that may differ on --resume (none changes the weights: sampling during training has its own generator);
+# every other flag comes from the checkpoint, and giving it a different value is an error
 RUNTIME_ARGS = ("resume", "overwrite", "device", "num_workers", "output_dir", "data_root", "cache_dir",
-                "download", "compile")   # may differ on --resume; all other flags come from the checkpoint
+                "download", "compile", "save_every", "sample_every", "checkpoint_every", "log_every")
 
 
 def int_tuple(text: str) -> tuple:
@@ -133,6 +135,11 @@ def check_args(args) -> None:
         raise UserError(problem + " (--image_size / --channel_mult)")
     if args.image_size < 16:
         raise UserError(f"--image_size {args.image_size} is too small; use at least 16")
+    sides = [args.image_size // 2 ** i for i in range(len(args.channel_mult))]       # one per UNet level
+    missing = [r for r in args.attn_resolutions if r not in sides]
+    if missing:
+        raise UserError(f"--attn_resolutions {missing[0]} is not a feature-map side of this UNet "
+                        f"({', '.join(map(str, sides))}); pick from those (the middle block always has attention)")
     attribute_index(args.dataset, args.attribute)   # raises with the closest name
 
 
@@ -487,17 +494,24 @@ def eval_timesteps(T: int) -> tuple:
 
 
 def main() -> int:
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
     resume_state = None
     if args.resume:
         path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
         if args.resume == "auto" and not os.path.isfile(path):
             raise UserError(f"--resume auto: no last.pth in '{args.output_dir}'; start a new run without --resume")
         resume_state = load_checkpoint(path, kind="train_state", flag="--resume")
-        saved = resume_state["args"]
-        for k, v in saved.items():                       # the run continues with the flags it started with
-            if k not in RUNTIME_ARGS and hasattr(args, k):
-                setattr(args, k, tuple(v) if isinstance(v, list) else v)
+        given = parser.given()
+        for k, v in resume_state["args"].items():        # the run continues with the flags it started with
+            if k in RUNTIME_ARGS or not hasattr(args, k):
+                continue
+            v = tuple(v) if isinstance(v, list) else v
+            if k in given and getattr(args, k) != v:
+                raise UserError(f"--{k} {getattr(args, k)} differs from the resumed run's {v}, and --resume keeps "
+                                f"the run's own flags; drop --{k}, or start a new run (--overwrite or another "
+                                f"--output_dir)")
+            setattr(args, k, v)
     check_args(args)
     device, rank, world = setup_device(args)          # a bad --device fails here, before anything is written
     ensure_writable_dir(args.output_dir)

@@ -139,14 +139,52 @@ def test_corrupt_jpeg_is_skipped(tmp_path, monkeypatch, capsys):
     assert f"skipping unreadable image {os.path.join(img_dir, names[0])}" in capsys.readouterr().err
 
 
-def test_too_many_corrupt_jpegs(tmp_path):
+def test_too_many_corrupt_jpegs(tmp_path, monkeypatch, capsys):
     img_dir, names, _ = make_celeba(tmp_path, "flat")
-    truncate(os.path.join(img_dir, names[0]))
-    os.remove(os.path.join(img_dir, names[1]))
+    truncate(os.path.join(img_dir, names[0]))                      # a train image
+    os.remove(os.path.join(img_dir, names[5]))                     # the next train image
+    monkeypatch.setattr(ds, "MAX_UNREADABLE", 0.05)                # 1 of the 24 train images is fine, 2 are not
+    decoded = []
+    monkeypatch.setattr(ds, "_decode_file", lambda job, decode=ds._decode_file: decoded.append(job) or decode(job))
     with pytest.raises(DataError) as e:
         load(str(tmp_path), subset_fraction=1.0)
     msg = str(e.value)
-    assert "2 of 24 images" in msg and names[0] in msg and names[1] in msg and "\n" not in msg
+    assert "more than 5% of the 24 images of celeba train are unreadable" in msg
+    assert names[0] in msg and names[5] in msg and "\n" not in msg
+    assert len(decoded) == 4                # it stopped at the second bad one (train images are 0-2, 5-7, ...)
+    assert capsys.readouterr().err.count("skipping unreadable image") == 1     # no warning per image after it
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda lines: lines[:2] + [lines[2].replace(" 1", " 300", 1).replace("-1", "300", 1)] + lines[3:],
+     "bad row for '000001.jpg' (expected a name and 40 values -1/1, got 40 values)"),
+    (lambda lines: lines[:2] + [line.rsplit(" ", 1)[0] for line in lines[2:]],      # every row one value short
+     "bad row for '000001.jpg' (expected a name and 40 values -1/1, got 39 values)"),
+    (lambda lines: lines[:2] + [lines[2].replace("-1", "yes", 1).replace(" 1", " yes", 1)] + lines[3:],
+     "bad row for '000001.jpg'"),
+])
+def test_bad_annotation_rows_are_named(tmp_path, edit, fragment):
+    make_celeba(tmp_path, "flat", n=5)
+    path = tmp_path / "list_attr_celeba.txt"
+    path.write_text("\n".join(edit(path.read_text().splitlines())) + "\n")
+    with pytest.raises(DataError) as e:
+        load(str(tmp_path))
+    assert fragment in str(e.value) and "download the annotation file again" in str(e.value)
+
+
+def test_bad_partition_and_non_text_annotations(tmp_path):
+    make_celeba(tmp_path, "flat", n=5)
+    part = tmp_path / "list_eval_partition.txt"
+    good = part.read_text()
+    part.write_text(good.replace("000002.jpg 0", "000002.jpg train"))
+    with pytest.raises(DataError, match="gives 000002.jpg the split 'train' \\(expected 0, 1 or 2\\)"):
+        load(str(tmp_path))
+    part.write_text(good.replace("000003.jpg 0\n", ""))
+    with pytest.raises(DataError, match="has no line for 000003.jpg, which list_attr_celeba lists"):
+        load(str(tmp_path))
+    part.write_bytes(good.encode() + b"\xff\xfe")
+    with pytest.raises(DataError, match="is not text \\(byte .* is not UTF-8\\)"):
+        load(str(tmp_path))
 
 
 def test_cache_reuse_and_rebuild(celeba, tmp_path, monkeypatch, capsys):
@@ -323,3 +361,8 @@ def test_toyface_canvas_sizes():
         assert img.shape == (size, size, 3) and img.dtype == np.uint8 and attrs.shape == (5,)
     with pytest.raises(DataError, match="unknown attribute"):
         ds.draw_toyface((0, 0, 0), 16, {"Smile": 1})
+
+
+def test_a_split_too_big_for_memory_is_a_clear_error():
+    with pytest.raises(DataError, match=r"at 100000x100000 need .* GiB, more memory than this machine gives"):
+        ds.load_split("toyfaces", "train", 100000, "./data", 0.5, 0, None, False, 0, verbose=False)

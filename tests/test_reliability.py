@@ -80,7 +80,7 @@ def test_sigint_saves_resumable_state_and_resume_finishes(tmp_path):
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["step"] >= 2 and state["kind"] == "train_state" and set(state["rng"][0]) >= {"python", "torch", "numpy"}
     # the resumed run continues past the saved step (and can be stopped again)
-    p2 = popen(out, "--resume", "auto")
+    p2 = popen(out, "--diffusion_epochs", 50, "--resume", "auto")        # QUICK's other flags are the run's own
     wait_for_step(p2, out, state["step"] + 1)
     p2.send_signal(signal.SIGTERM)
     p2.communicate(timeout=120)
@@ -97,6 +97,21 @@ def test_refuses_to_overwrite_an_earlier_run(tmp_path):
     assert (out / "diffusion_final.pth").read_bytes() == b"precious"
     assert run("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
                "--overwrite").returncode == 0
+
+
+def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert run("train.py", *QUICK, "--diffusion_epochs", 1, "--output_dir", out).returncode == 0
+    before = snapshot(out)
+    proc = run("train.py", "--resume", "auto", "--output_dir", out, "--attribute", "Young")
+    assert_user_error(proc, "--attribute Young differs from the resumed run's Smiling", "drop --attribute")
+    proc = run("train.py", "--resume", "auto", "--output_dir", out, "--diffusion_epochs", 3)
+    assert_user_error(proc, "--diffusion_epochs 3 differs from the resumed run's 1")
+    assert snapshot(out) == before
+    # the run's own values, and flags that do not change the weights, are accepted
+    proc = run("train.py", *QUICK, "--diffusion_epochs", 1, "--checkpoint_every", 5, "--log_every", 3,
+               "--resume", "auto", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -119,6 +119,11 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     (["--channel_mult", "1,0"], ["each >= 1"]),
     (["--device", "foo"], ["--device 'foo' is not a device name"]),
     (["--device", "meta"], ["cpu, cuda, cuda:N or mps"]),
+    (["--lr", "nan"], ["--lr must be > 0, got nan"]),
+    (["--grad_clip", "inf"], ["--grad_clip must be > 0, got inf"]),
+    (["--weight_decay", "inf"], ["--weight_decay must be >= 0, got inf"]),
+    (["--attn_resolutions", "-8"], ["--attn_resolutions -8 is not a feature-map side", "16, 8"]),
+    (["--attn_resolutions", "8,12"], ["--attn_resolutions 12"]),
 ])
 def test_train_bad_input(tmp_path, extra, fragments, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
@@ -148,6 +153,9 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (tmp_path / "garbage.png").write_bytes(b"this is not a png")
     (tmp_path / "faces").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "faces" / "a.png")
+    (tmp_path / "generated_samples").mkdir()                          # an earlier run's per-sample images
+    Image.new("RGB", (16, 16)).save(tmp_path / "generated_samples" / "sample_0000.png")
+    (tmp_path / "folder.png").mkdir()
     _, c_out, _ = celeba_run
     shutil.copy(c_out / "diffusion_final.pth", tmp_path / "celeba_diffusion.pth")
     shutil.copy(c_out / "classifier_best.pth", tmp_path / "celeba_classifier.pth")
@@ -161,6 +169,12 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--steps", "101"], ["--steps 101", "100 timesteps"]),
     (["--target_label", "2"], ["--target_label", "invalid choice"]),
     (["--guidance_scale", "-1"], ["--guidance_scale must be >= 0"]),
+    (["--guidance_scale", "3", "nan"], ["--guidance_scale must be >= 0, got nan"]),
+    (["--guidance_scale", "inf"], ["--guidance_scale must be >= 0, got inf"]),
+    (["--input", "generated_samples/sample_0000.png"], ["would write over or into",   # a rerun rewrites that folder
+                                                        "generated_samples/sample_0000.png"]),
+    (["--output", "folder.png"], ["its grid 'folder.png' would replace an existing folder"]),
+    (["--output", "afile.png"], ["its sample folder 'afile' would replace an existing file"]),
     (["--batch_size", "-3"], ["--batch_size must be > 0"]),
     (["--diffusion_model", "missing.pth"], ["missing.pth", "not found"]),
     (["--diffusion_model", "junk.pth"], ["junk.pth", "corrupt"]),
