@@ -1,66 +1,104 @@
 #!/usr/bin/env bash
-# The prepared GPU check, in two parts that each fit one 10-minute device call (about 11 minutes in all on an
-# H200, inside a 15-minute lease):
+# The prepared GPU check, in parts; each part's steps have their own time limits, and the parts are sized so
+# that "tests train" and then "compile sample" each fit one 10-minute device call:
 #
-#   bash benchmarks/device_check.sh tests   # CUDA tests (tests/test_cuda.py) and the maths tests, ~5 min
-#   bash benchmarks/device_check.sh bench   # benchmarks at the default 64x64 model, ~6 min
-#   bash benchmarks/device_check.sh         # both, one after the other (on your own GPU machine)
+#   bash benchmarks/device_check.sh tests train      # CUDA tests; training images/s and MFU vs diffusers, eager
+#   bash benchmarks/device_check.sh compile sample   # the same with --compile; data path; sampling at 64x64
+#   bash benchmarks/device_check.sh                  # every part, one after the other (on your own GPU machine)
 #
-# bench: training images/s and MFU against diffusers (eager, then --compile), the two paths of each
-# dual-path layer (benchmarks/layer_paths.py), the data path with the training
-# step on the GPU, and a short 64x64 toyfaces run with the sampling benchmark on it (seconds per image, oracle
-# rates, the guided/unguided cost of one step). Output goes to ${OUT:-device_out}/: tests.log or bench.log
-# with everything printed, and train.json, train_compile.json, data.json, sampling.json, train_log.jsonl.
-# Each step has its own time limit and writes its JSON file when it ends (sampling.json after every row),
-# so a step that runs out of time costs only its own figures.
+#   tests    tests/test_cuda.py (bf16 training step under CUDA's sync debug mode, SDPA kernels, guided
+#            sampling, train.fit's syncs, the scripts end to end on the GPU)                 limit 300 s
+#   train    train_throughput.py at the default 64x64 model, batch 32, eager, channels_last (as train.py) with
+#            --breakdown, then contiguous (on CUDA GroupNorm returns NCHW, so channels_last costs a copy per
+#            norm: which layout wins is measured here); layer_paths.py on CUDA                195 s
+#   compile  train_throughput.py --compile                                                    200 s
+#   sample   data_path.py with the training step on the GPU; a short 64x64 toyfaces run, then sampling.py on
+#            it (seconds per image, oracle rates, guided/unguided cost of a step)             310 s
 #
-# diffusers is pure Python. Where the machine lacks it, copy it (and any module it misses there) into
-# .device_site/ here, which git ignores, and carry that folder: the script puts it on PYTHONPATH.
+# Output goes to ${OUT:-device_out}/: <part>.log with everything printed, and train.json,
+# train_contiguous.json, train_compile.json, data.json, sampling.json, train_log.jsonl. Each step writes its
+# JSON as it goes (train_throughput after the timing and after --breakdown, sampling after every row), so a
+# step that runs out of time costs only its own figures. Every limit is `timeout -k 10`: train.py finishes its
+# step and saves on SIGTERM, so a plain timeout could overrun.
+#
+# diffusers: where the machine lacks it, run `python benchmarks/stage_device_site.py` here first (same Python
+# minor version as the machine) and carry ".device_site"; this script puts it on PYTHONPATH. Without it,
+# train_throughput times ours alone and says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:-all}
-case "$PART" in tests|bench|all) ;; *) echo "error: unknown part '$PART'; use tests, bench or nothing for both" >&2; exit 2;; esac
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests train compile sample)
+for part in "${PARTS[@]}"; do
+  case "$part" in tests|train|compile|sample) ;;
+    *) echo "error: unknown part '$part'; use any of tests, train, compile, sample (none: all four)" >&2; exit 2;;
+  esac
+done
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 [ -d .device_site ] && export PYTHONPATH="$PWD/.device_site${PYTHONPATH:+:$PYTHONPATH}"
 RUN=${RUN_DIR:-/tmp/device_check_run}
+limit() { timeout -k 10 "$@"; }
 
 step() { echo; echo "=== $1 ($(date +%T))"; }
 machine() {
   step "machine"
   nvidia-smi -L
-  $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
-  $PY -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing: the training comparison will say so"
+  $PY - <<'EOF'
+import importlib.util, sys, sysconfig, os, shutil
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+try:
+    import diffusers
+    print("diffusers", diffusers.__version__)
+except ImportError as e:
+    print("diffusers missing (" + str(e) + "): train_throughput times ours alone")
+header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+print("C compiler", shutil.which("cc") or shutil.which("gcc") or "MISSING", "| Python.h",
+      "found" if os.path.isfile(header) else "MISSING", "(torch.compile's Triton launcher needs both)")
+EOF
 }
 no_bars() { tr '\r' '\n' | grep --line-buffered -v 'it/s\]\|img/s\]\|s/it\]'; }
 
 tests() {
-  machine
-  step "CUDA tests, then the maths tests on this machine"
-  timeout 480 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_diffusion.py
+  step "CUDA tests"
+  limit 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 }
 
-bench() {
-  machine
-  step "training throughput, default 64x64 UNet, batch 32, bf16 (eager), and where a step's GPU time goes"
-  timeout 90 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --breakdown --json "$OUT/train.json"
+train() {
+  step "training throughput, default 64x64 UNet, batch 32, bf16, eager, channels_last; where a step's GPU time goes"
+  limit 90 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --breakdown --json "$OUT/train.json"
+  step "the same, contiguous (NCHW) layout"
+  limit 60 $PY benchmarks/train_throughput.py --steps 20 --repeats 5 --memory_format contiguous \
+      --json "$OUT/train_contiguous.json"
   step "the two paths of each dual-path layer on the GPU (does the transposed-conv upsampling pay there too?)"
-  timeout 45 $PY benchmarks/layer_paths.py --device cuda --batch_size 32 --iters 20
+  limit 45 $PY benchmarks/layer_paths.py --device cuda --batch_size 32 --iters 20
+}
+
+compile() {
   step "training throughput, --compile"
-  timeout 150 $PY benchmarks/train_throughput.py --compile --steps 20 --repeats 5 --warmup 10 --json "$OUT/train_compile.json"
+  limit 200 $PY benchmarks/train_throughput.py --compile --steps 20 --repeats 5 --warmup 10 \
+      --json "$OUT/train_compile.json"
+}
+
+sample() {
   step "data path: uint8 cache vs JPEG decoding, training step on the GPU"
-  timeout 60 $PY benchmarks/data_path.py --device cuda --num_workers 8 --json "$OUT/data.json"
+  limit 60 $PY benchmarks/data_path.py --device cuda --num_workers 8 --json "$OUT/data.json"
   step "short 64x64 toyfaces run (default UNet), then the sampling benchmark on it"
-  timeout 150 $PY train.py --dataset toyfaces --image_size 64 --subset_fraction 0.25 --classifier_epochs 3 \
+  limit 150 $PY train.py --dataset toyfaces --image_size 64 --subset_fraction 0.25 --classifier_epochs 3 \
       --oracle_epochs 3 --diffusion_epochs 6 --batch_size 128 --lr 2e-4 --num_workers 8 --sample_every 0 \
       --overwrite --output_dir "$RUN" 2>&1 | no_bars
   cp "$RUN/train_log.jsonl" "$OUT/" 2>/dev/null
-  timeout 100 $PY benchmarks/sampling.py --run_dir "$RUN" --device cuda --configs ddpm:1000 ddpm:100 ddim:100 ddim:50 ddim:50:1 \
-      --num_samples 64 --batch_size 64 --guidance_scale 10 --step_repeats 30 --json "$OUT/sampling.json" 2>&1 | no_bars
+  limit 100 $PY benchmarks/sampling.py --run_dir "$RUN" --device cuda --configs ddpm:1000 ddpm:100 ddim:100 ddim:50 \
+      ddim:50:1 --num_samples 64 --batch_size 64 --guidance_scale 10 --step_repeats 30 --json "$OUT/sampling.json" \
+      2>&1 | no_bars
 }
 
-if [ "$PART" != bench ]; then tests 2>&1 | tee "$OUT/tests.log"; fi
-if [ "$PART" != tests ]; then bench 2>&1 | tee "$OUT/bench.log"; fi
-step "done"
+LOG="$OUT/$(IFS=_; echo "${PARTS[*]}").log"
+{
+  machine
+  for part in "${PARTS[@]}"; do "$part"; done
+  step "done"
+} 2>&1 | tee "$LOG"

@@ -7,7 +7,9 @@
 Each row times forward plus backward of one layer at the default 64x64 model's sizes (batch --batch_size,
 bf16 autocast as in training), the two paths interleaved over --repeats repeats of --iters calls; the table
 shows the median milliseconds per call and the median of the per-repeat ratios (> 1: the second path is
-faster). The paths compute the same function (tests/test_diffusion.py checks each pair).
+faster). The paths compute the same function (tests/test_diffusion.py checks each pair). On CUDA the layers,
+inputs and gradients are channels_last, as train.py makes them there, and the dropout row is left out: off
+the CPU ``diffusion_model.dropout`` is ``F.dropout``.
   attention  ``AttnBlock.forward_sdpa`` (SDPA; CUDA's path)  vs  ``forward_matmul`` (the CPU's path)
   upsample   ``Upsample.forward_direct`` (nearest x2, 3x3 conv)  vs  ``forward_transposed`` (one transposed conv)
   dropout    ``F.dropout`` (bernoulli mask)  vs  ``diffusion_model.dropout`` (15-bit integer mask on the CPU)
@@ -56,8 +58,9 @@ def main() -> int:
     device = resolve_device(args.device, "benchmarking")
     amp = autocast(device)
     rows, modules = cases(args.batch_size)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format       # as train.py
     for m in modules:
-        m.to(device)
+        m.to(device, memory_format=layout)
     with amp:
         dtype = torch.bfloat16 if torch.is_autocast_enabled(device.type) else torch.float32
 
@@ -81,10 +84,12 @@ def main() -> int:
     print("| layer | size | path A | path B | A ms | B ms | A / B |")
     print("|---|---|---|---|---|---|---|")
     for layer, size, name_a, name_b, fn_a, fn_b, shape in rows:
-        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)   # bf16 under autocast, as in training
-        with amp:
+        if layer == "dropout" and device.type != "cpu":
+            continue                                         # both paths are F.dropout there
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+        with amp:                                            # bf16 under autocast, as in training
             out_shape = fn_a(x).shape
-        grad = torch.randn(out_shape, device=device, dtype=dtype)
+        grad = torch.randn(out_shape, device=device, dtype=dtype).contiguous(memory_format=layout)
         for fn in (fn_a, fn_b):                                                      # warm-up
             fwd_bwd(fn, x, grad)
         a, b = [], []

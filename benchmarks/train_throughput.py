@@ -8,13 +8,14 @@
 
 Both networks train in one process with the same data, optimizer (AdamW, fused on CUDA and the CPU, as train.py),
 loss (eps-MSE on ``GaussianDiffusion.q_sample``, i.e. ``GaussianDiffusion.training_loss``, DDPM Alg. 1),
-gradient clipping at 1.0, bf16 autocast (``common.autocast``) and channels_last on CUDA. The EMA update and
+gradient clipping at 1.0, bf16 autocast (``common.autocast``) and channels_last on CUDA (``--memory_format``
+measures the other layout: on CUDA, GroupNorm returns contiguous NCHW whatever its input). The EMA update and
 the data path of ``train.fit`` are left out: they cost the same for both (see benchmarks/data_path.py).
 Timing interleaves the two: for each repeat, ``--steps`` steps of ours, then ``--steps`` of diffusers, so
 clock and thermal drift hit both alike; the table shows the median images/s and the median of the
 per-repeat ratios. FLOPs are the forward pass per image from ``torch.utils.flop_counter.FlopCounterMode``
 (a multiply-add counts 2); on CUDA, MFU = 3 x forward FLOPs x images/s / --peak_tflops (3: forward plus
-a backward of about twice the forward). ``--breakdown`` then profiles ``--steps`` more steps of each with
+a backward of about twice the forward). ``--breakdown`` then profiles ``--breakdown_steps`` steps of each with
 torch.profiler and splits a step by kind of op (self time of each op: CPU time on the CPU, GPU kernel time
 on CUDA; "other" is the rest of the wall time: elementwise ops, copies, Python, an idle GPU, and the
 profiler's own per-op cost, so a profiled step is slower than a timed one). It also prints the conv-bound
@@ -50,6 +51,8 @@ Remaining differences:
     count is of what runs, so it shows ours lower there (-5.7% at the default 64x64 model on the CPU;
     equal on CUDA) and a note says so.
   - initialisation: ours zero-initialises the last conv of each block and the output (speed-neutral).
+Without diffusers installed, ours is timed alone (images/s, MFU, --breakdown) and a note says what to install.
+--json is written after the timing and again after --breakdown, so a run cut short keeps its timing.
 """
 import argparse
 import copy
@@ -73,7 +76,7 @@ from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample  # noqa: E402
 from train import add_unet_args, make_optimizer  # noqa: E402
 
-INSTALL_HINT = "error: diffusers is not installed; pip install -r benchmarks/requirements.txt"
+INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -87,11 +90,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (more with --compile)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved ours/diffusers measurements; medians reported")
     p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    p.add_argument("--memory_format", default="auto", choices=("auto", "channels_last", "contiguous"),
+                   help="activation and weight layout: auto is channels_last on CUDA (as train.py), contiguous on the CPU")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="accelerator peak for MFU, TFLOP/s (989: H100/H200 dense bf16; ~495 for their TF32)")
     p.add_argument("--count_only", action="store_true", help="print parameters and FLOPs, skip the timing")
     p.add_argument("--breakdown", action="store_true",
-                   help="also profile --steps steps of each network and split a step by kind of op")
+                   help="also profile --breakdown_steps steps of each network and split a step by kind of op")
+    p.add_argument("--breakdown_steps", type=int, default=5, help="profiled steps per network for --breakdown")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
 
@@ -301,7 +307,8 @@ def make_train_step(model, diffusion: GaussianDiffusion, amp, device: torch.devi
 
 def main() -> int:
     args = get_parser().parse_args()
-    for name in ("image_size", "batch_size", "base_channels", "num_res_blocks", "steps", "repeats", "peak_tflops"):
+    for name in ("image_size", "batch_size", "base_channels", "num_res_blocks", "steps", "repeats", "peak_tflops",
+                 "breakdown_steps"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--warmup", args.warmup, allow_zero=True)
     if args.breakdown and args.count_only:
@@ -310,9 +317,9 @@ def main() -> int:
     cfg = checked_unet_config(args)
     try:
         import diffusers  # noqa: F401
-    except ImportError:
-        print(INSTALL_HINT, file=sys.stderr)
-        return 2
+        have_diffusers = True
+    except ImportError:                 # ours is still timed (images/s, MFU); the comparison needs diffusers
+        have_diffusers = False
     device = resolve_device(args.device, "benchmarking")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -321,71 +328,80 @@ def main() -> int:
     amp = autocast(device, args.precision)
     with amp:
         bf16 = torch.is_autocast_enabled(device.type)
+    layout = args.memory_format if args.memory_format != "auto" else \
+        ("channels_last" if device.type == "cuda" else "contiguous")
+    memory_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[layout]
 
     torch.manual_seed(0)
     ours = UNet(cfg).to(device)
-    torch.manual_seed(0)
-    theirs, notes = diffusers_twin(cfg, ours)
-    theirs = theirs.to(device)
-    models = {"ours": ours, "diffusers": theirs}
+    models, notes, differs = {"ours": ours}, [], []
+    if have_diffusers:
+        torch.manual_seed(0)
+        theirs, differs = diffusers_twin(cfg, ours)
+        models["diffusers"] = theirs.to(device)
+        notes += differs
+    else:
+        notes.append(f"diffusers is not installed, so ours is timed alone; {INSTALL_HINT} for the comparison")
     params = {k: count_params(m) for k, m in models.items()}
     flops = {k: forward_flops_per_image(m, args.image_size, device) for k, m in models.items()}
-    difference = None if notes else output_difference(ours, theirs, args.image_size)     # notes: they differ
+    difference = output_difference(ours, models["diffusers"], args.image_size) if have_diffusers and not differs \
+        else None
 
     header = (f"{args.image_size}x{args.image_size}, batch {args.batch_size}, base {args.base_channels} x "
               f"{tuple(cfg.channel_mult)}, {args.num_res_blocks} res blocks, attention at {tuple(cfg.attn_resolutions)}, "
               f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-              + f", bf16 autocast {'on' if bf16 else 'off'}"
-              + f", compile {'on' if args.compile else 'off'}")
+              + f", bf16 autocast {'on' if bf16 else 'off'}, {layout}, compile {'on' if args.compile else 'off'}")
     result = {"args": vars(args), "params": params, "fwd_flops_per_image": flops, "notes": notes,
               "relative_output_difference": difference}
-    ratio_params, ratio_flops = params["ours"] / params["diffusers"], flops["ours"] / flops["diffusers"]
-    if abs(ratio_params - 1) > 0.10:
-        notes.append(f"parameter counts differ by {abs(ratio_params - 1):.0%} (> 10%): not a like-for-like comparison")
+    ratios = {}
+    if have_diffusers:
+        ratios = {"params": params["ours"] / params["diffusers"], "flops": flops["ours"] / flops["diffusers"]}
+        if abs(ratios["params"] - 1) > 0.10:
+            notes.append(f"parameter counts differ by {abs(ratios['params'] - 1):.0%} (> 10%): not a like-for-like "
+                         f"comparison")
     up_sides = [cfg.image_size // 2 ** i for i in range(1, len(cfg.channel_mult))]   # Upsample input sides
     transposed = [s for s in up_sides if Upsample.takes_transposed(device, s)]
     if transposed:
         notes.append(f"ours computes {len(transposed)} upsampling conv(s) as a transposed conv on the CPU (the same "
-                     f"function and weights, 2.25x fewer FLOPs in that layer): {ratio_flops - 1:+.1%} FLOPs")
+                     f"function and weights, 2.25x fewer FLOPs in that layer)"
+                     + (f": {ratios['flops'] - 1:+.1%} FLOPs" if ratios else ""))
+
+    def save():                         # after the timing, and again after the breakdown: a timeout loses less
+        if args.json:
+            atomic_write_json(args.json, result)
 
     timed = not args.count_only
     ips = {k: [] for k in models}
+    med, mfu = {}, None
     if timed:
         diffusion = GaussianDiffusion(DiffusionConfig())
         x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-        if device.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = x0.contiguous(memory_format=memory_format)
         steps = {}
         for k, m in models.items():
-            m.train()
-            if device.type == "cuda":
-                m.to(memory_format=torch.channels_last)
+            m.train().to(memory_format=memory_format)
             steps[k] = partial(make_train_step(torch.compile(m) if args.compile else m, diffusion, amp, device), x0)
             time_steps(steps[k], args.warmup, device)
         for _ in range(args.repeats):                        # interleaved: ours, diffusers, ours, diffusers, ...
             for k in models:
                 ips[k].append(args.steps * args.batch_size / time_steps(steps[k], args.steps, device))
-        result["images_per_s"] = ips
-        if args.breakdown:
-            result["breakdown_ms_per_step"] = {k: step_breakdown(steps[k], args.steps, device) for k in models}
-
-    ratios = {"params": ratio_params, "flops": ratio_flops}
-    med, mfu = {}, None
-    if timed:
         med = {k: statistics.median(v) for k, v in ips.items()}
-        ratios["images_per_s"] = statistics.median([a / b for a, b in zip(ips["ours"], ips["diffusers"])])
+        if have_diffusers:
+            ratios["images_per_s"] = statistics.median([a / b for a, b in zip(ips["ours"], ips["diffusers"])])
         if device.type == "cuda":
             mfu = {k: 3 * flops[k] * med[k] / (args.peak_tflops * 1e12) for k in models}
-    result.update(median_images_per_s=med, ratio_ours_over_diffusers=ratios, mfu=mfu)
+    result.update(images_per_s=ips if timed else None, median_images_per_s=med, ratio_ours_over_diffusers=ratios,
+                  mfu=mfu)
+    save()
 
     print(f"train_throughput: {header}" + (f"; {args.steps} steps x {args.repeats} repeats after {args.warmup} "
                                            f"warm-up" if timed else "; counts only")
           + ("" if mfu is None else f"; MFU against a peak of {args.peak_tflops:g} TFLOP/s"))
-    if difference is None:
-        print("same function: not checked, the two differ as the note below says")
-    else:
+    if difference is not None:
         print(f"same function: our (random) weights copied into diffusers' model by name give outputs equal within "
               f"{difference:.1e} of their largest value (float32, CPU)")
+    elif have_diffusers:
+        print("same function: not checked, the two differ as the note below says")
     for note in notes:
         print(f"note: {note}")
     print("\n| model | parameters | fwd GFLOP/image | images/s (median) | ms/step | MFU |")
@@ -395,32 +411,34 @@ def main() -> int:
         speed = f"{med[k]:.1f} | {1e3 * args.batch_size / med[k]:.1f}" if timed else "n/a | n/a"
         print(f"| {names[k]} | {params[k]:,} | {flops[k] / 1e9:.3f} | {speed} | "
               f"{'n/a' if mfu is None else f'{100 * mfu[k]:.1f}%'} |")
-    speed = f"{ratios['images_per_s']:.3f} | {1 / ratios['images_per_s']:.3f}" if timed else "n/a | n/a"
-    mfu_ratio = "n/a" if mfu is None else f"{mfu['ours'] / mfu['diffusers']:.3f}"
-    print(f"| ratio ours/diffusers | {ratio_params:.3f} | {ratio_flops:.3f} | {speed} | {mfu_ratio} |")
+    if have_diffusers:
+        speed = f"{ratios['images_per_s']:.3f} | {1 / ratios['images_per_s']:.3f}" if timed else "n/a | n/a"
+        mfu_ratio = "n/a" if mfu is None else f"{mfu['ours'] / mfu['diffusers']:.3f}"
+        print(f"| ratio ours/diffusers | {ratios['params']:.3f} | {ratios['flops']:.3f} | {speed} | {mfu_ratio} |")
     if args.breakdown:
-        print_breakdown(result["breakdown_ms_per_step"], 1e3 * args.batch_size / med["diffusers"],
+        result["breakdown_ms_per_step"] = {k: step_breakdown(steps[k], args.breakdown_steps, device) for k in models}
+        save()
+        print_breakdown(result["breakdown_ms_per_step"], {k: 1e3 * args.batch_size / med[k] for k in models},
                         {k: 3 * flops[k] * args.batch_size for k in models})
-    if args.json:
-        atomic_write_json(args.json, result)
     return 0
 
 
-def print_breakdown(ms: dict, theirs_step_ms: float, flops_per_step: dict) -> None:
-    """The --breakdown table, one row per kind of op; the convolutions' rate; the conv-bound ceiling against
-    diffusers' timed step."""
-    print("\nwhere a step goes (profiled, ms per step and share of the step):\n")
-    print("| kind of op | ours ms | ours share | diffusers ms | diffusers share |")
-    print("|---|---|---|---|---|")
+def print_breakdown(ms: dict, step_ms: dict, flops_per_step: dict) -> None:
+    """The --breakdown table, one row per kind of op and a column pair per model; the convolutions' rate; with
+    diffusers, the conv-bound ceiling against its timed step (``step_ms``)."""
+    print(f"\nwhere a step goes (profiled {', '.join(ms)}; ms per step and share of the step):\n")
+    print("| kind of op | " + " | ".join(f"{k} ms | {k} share" for k in ms) + " |")
+    print("|---|" + "---|---|" * len(ms))
     for kind in [kind for kind, _ in OP_KINDS] + ["other", "step"]:
-        cells = " | ".join(f"{ms[k][kind]:.1f} | {100 * ms[k][kind] / ms[k]['step']:.1f}%" for k in ("ours", "diffusers"))
+        cells = " | ".join(f"{ms[k][kind]:.1f} | {100 * ms[k][kind] / ms[k]['step']:.1f}%" for k in ms)
         print(f"| {kind} | {cells} |")
     rate = {k: flops_per_step[k] / (ms[k]["convolution"] / 1e3) / 1e9 for k in ms}
-    print(f"\nconvolution rate, at most (3 x forward FLOPs per step / convolution time): ours {rate['ours']:.0f}, "
-          f"diffusers {rate['diffusers']:.0f} GFLOP/s")
-    ceiling = theirs_step_ms / ms["ours"]["convolution"]
-    print(f"\nconv-bound ceiling: ours would run at {ceiling:.2f}x diffusers' images/s if everything but its "
-          f"convolutions took no time")
+    print("\nconvolution rate, at most (3 x forward FLOPs per step / convolution time): "
+          + ", ".join(f"{k} {rate[k]:.0f}" for k in ms) + " GFLOP/s")
+    if "diffusers" in ms:
+        ceiling = step_ms["diffusers"] / ms["ours"]["convolution"]
+        print(f"\nconv-bound ceiling: ours would run at {ceiling:.2f}x diffusers' images/s if everything but its "
+              f"convolutions took no time")
 
 
 if __name__ == "__main__":

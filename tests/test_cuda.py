@@ -3,11 +3,14 @@ train.py / generate.py end to end on the GPU (with and without --compile). Run o
 benchmarks/device_check.sh; without CUDA this module is skipped (the CPU suite covers the same maths)."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import train
+from dataset import load_split
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from fakes import TINY, assert_ok, run
 from train import make_optimizer, update_ema
@@ -86,12 +89,47 @@ def test_training_step_never_waits_for_the_gpu():
     assert first_bad.item() == -1
 
 
+def fit_syncs(out, steps: int, device=torch.device("cuda")) -> int:
+    """Host-device syncs that CUDA's sync debug mode reports while ``train.fit`` itself trains the diffusion
+    stage for 2 epochs of ``steps`` steps, logging and checkpointing only at the epoch ends."""
+    out.mkdir()
+    args = train.get_parser().parse_args([*TINY, "--device", str(device), "--output_dir", str(out), "--log_every",
+                                          "100000", "--checkpoint_every", "100000", "--max_steps_per_epoch", str(steps)])
+    run_ = train.Run(args, device, 0, 1, None)
+    split = load_split("toyfaces", "train", 16, subset_fraction=0.05, verbose=False)       # 1,000 images
+    torch.manual_seed(0)
+    net = UNet(CFG).to(device).to(memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = make_optimizer(net.parameters(), 1e-4, 0.0, device)
+    diffusion = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.fit(run_, "diffusion", {"model": net, "ema": ema}, opt, split, 2, 1e-4,
+                      lambda x0, attrs: diffusion.training_loss(net, x0), lambda epoch, record: {}, {})
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    assert (out / "last.pth").is_file()
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def test_fit_syncs_do_not_grow_with_the_steps(tmp_path):
+    """train.fit's hot loop as it is (data indexing, flips, lr writes, loss sums, EMA, NaN check): syncs happen
+    at epoch ends and log points only, so 12 steps per epoch sync exactly as often as 4."""
+    fit_syncs(tmp_path / "warm", 1)                        # one-time work: cuBLAS/cuDNN handles, schedule tables
+    few, many = fit_syncs(tmp_path / "few", 4), fit_syncs(tmp_path / "many", 12)
+    assert few > 0 and many == few, (few, many)            # > 0: the debug mode does report the epoch-end syncs
+
+
 @pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compile"])
 def test_train_and_generate_on_cuda(tmp_path, compile_flag):
     out = tmp_path / "run"
     proc = run("train.py", "--dataset", "toyfaces", *CUDA, *compile_flag, "--classifier_epochs", 1,
                "--oracle_epochs", 1, "--diffusion_epochs", 1, "--max_steps_per_epoch", 8, "--subset_fraction", 0.05,
-               "--output_dir", out, timeout=900)
+               "--output_dir", out, timeout=200)
     assert_ok(proc)
     for name in ("diffusion_final.pth", "classifier_best.pth", "oracle_best.pth"):
         ckpt = torch.load(out / name, weights_only=True, map_location="cpu")
