@@ -218,3 +218,23 @@ def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_pa
                       "cannot write", "afile")
     assert_user_error(bad("benchmarks/train_throughput.py", "--json", tmp_path / "afile" / "r.json"),
                       "cannot write", "afile")
+
+
+def test_stage_device_site(tmp_path):
+    """Copies diffusers and what it needs beyond requirements.txt (never torch, never bytecode); it imports
+    from there alone. Without diffusers installed (CI) it says what to install."""
+    out = tmp_path / "site"
+    proc = run("benchmarks/stage_device_site.py", "--out", out)
+    if not HAVE_DIFFUSERS:
+        assert_user_error(proc, INSTALL_HINT)
+        return
+    assert_ok(proc)
+    staged = {p.name for p in out.iterdir()}
+    assert {"diffusers", "huggingface_hub", "safetensors"} <= staged
+    assert not staged & {"torch", "numpy", "PIL", "hf_xet"} and not list(out.rglob("__pycache__"))
+    assert any(name.startswith("diffusers-") and name.endswith(".dist-info") for name in staged)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from diffusers import UNet2DModel; import diffusers; "
+            "print(diffusers.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert_ok(proc)
+    assert proc.stdout.strip().startswith(str(out))
