@@ -63,17 +63,22 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
     and fail (or silently poison the run) only once the work has started."""
     if value is None:
         return
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
+
+
+def refuse_folder(path: str, flag: str) -> None:
+    """A file a run will write must not be an existing folder (checked before the work, without writing)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a folder; give a file name (in it or elsewhere)")
 
 
 def check_output_file(path: str | None, flag: str) -> None:
     """A file a run writes when it ends (e.g. --json): refuse a folder or an unwritable place before the work."""
     if path is None:
         return
-    if os.path.isdir(path):
-        raise UserError(f"{flag} '{path}' is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}")
+    refuse_folder(path, flag)
     ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
 
 

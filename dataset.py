@@ -449,10 +449,14 @@ def _read_celeba_attrs(path: str) -> tuple[list[str], np.ndarray]:
         ok = values.shape == (len(rows), 40) and np.isin(values, (-1, 1)).all()
     except (ValueError, OverflowError):                 # ragged rows, words, numbers beyond int8
         ok = False
+    if not rows:
+        raise DataError(f"'{path}' lists no images; download the annotation file again")
     if not ok:                                          # the slow scan runs only to name the first bad row
         bad = next(row for row in rows if len(row) != 41 or any(v not in ("1", "-1") for v in row[1:]))
-        raise DataError(f"'{path}': bad row for '{bad[0]}' (expected a name and 40 values -1/1, got "
-                        f"{len(bad) - 1} values); download the annotation file again")
+        what = (f"got {len(bad) - 1} values" if len(bad) != 41 else
+                next(f"{header[k]} is '{v}'" for k, v in enumerate(bad[1:]) if v not in ("1", "-1")))
+        raise DataError(f"'{path}': bad row for '{bad[0]}' (expected a name and 40 values -1/1; {what}); "
+                        f"download the annotation file again")
     order = [header.index(name) for name in CELEBA_ATTRIBUTES]
     return [row[0] for row in rows], (values[:, order] > 0).astype(np.uint8)
 

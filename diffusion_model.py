@@ -50,6 +50,20 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
+    @property
+    def sides(self) -> list:
+        """Feature-map side of each level, largest first."""
+        return [self.image_size // 2 ** i for i in range(len(self.channel_mult))]
+
+    def attention_problem(self) -> Optional[str]:
+        """An attn_resolutions entry that is no level's side (it would add no attention), for a new config; kept
+        out of ``check`` so that older checkpoints still load."""
+        missing = [r for r in self.attn_resolutions if r not in self.sides]
+        if missing:
+            return (f"attn_resolutions {missing[0]} is not a feature-map side of this UNet "
+                    f"({', '.join(map(str, self.sides))}); pick from those (the middle block always has attention)")
+        return None
+
     def check(self) -> Optional[str]:
         """Return a problem description (for the user) or None."""
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -138,8 +152,9 @@ class AttnBlock(nn.Module):
     q/k/v and the output projection are 1x1 convolutions (their weights, (C', C, 1, 1), are the checkpoint
     format). Two implementations of the same function, picked by device:
       - CUDA (and any other accelerator): the model is channels_last on CUDA (train.py), so the 1x1 conv
-        output viewed as tokens (B, HW, 3C) is contiguous in the head dim and
-        ``F.scaled_dot_product_attention`` takes a fused (flash / memory-efficient) kernel;
+        output (which takes its weight's layout: GroupNorm's own output is NCHW on CUDA) viewed as tokens
+        (B, HW, 3C) is already contiguous in the head dim, and ``F.scaled_dot_product_attention`` takes a
+        fused (flash / memory-efficient) kernel; an NCHW model pays one copy to get there;
       - the CPU: channel-major matrix products, which need no token-major copy at all. On the CPU
         the SDPA kernels lose at these sizes (head dim 16-64, a few hundred tokens): the math kernel wants
         contiguous tokens and checks every row for full masking, the flash kernel's backward is slow, and a
@@ -163,9 +178,9 @@ class AttnBlock(nn.Module):
 
     def forward_sdpa(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # with channels_last activations this is a view with q/k/v contiguous in the head dim (NCHW input
-        # still works, through strided q/k/v and the math kernel)
-        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)    # (B,3C,H,W) -> (B, HW, 3C)
+        # with a channels_last qkv conv this is a view, contiguous in the head dim (the fused kernels need
+        # that); an NCHW one is copied here, or strided q/k/v would leave SDPA only its math kernel
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()     # (B,3C,H,W) -> (B, HW, 3C)
         q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)                # each (B, heads, HW, d)
         h = h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)

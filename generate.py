@@ -29,8 +29,8 @@ from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_save_image, atomic_write_json, autocast,
-                    check_positive, ensure_writable_dir, grid_image, heatmap, load_checkpoint, resolve_device,
-                    run_main, to_uint8)
+                    check_positive, ensure_writable_dir, grid_image, heatmap, load_checkpoint, refuse_folder,
+                    resolve_device, run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -428,10 +428,11 @@ def main() -> int:
     stem, ext = os.path.splitext(args.output)
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
-    for path, what in ((args.output, "grid"), (stem + ".json", "summary"), (stem, "sample folder")):
-        if os.path.exists(path) and os.path.isdir(path) != (what == "sample folder"):   # checked again on writing
-            raise UserError(f"--output '{args.output}': its {what} '{path}' would replace an existing "
-                            f"{'file' if what == 'sample folder' else 'folder'}; choose another --output")
+    refuse_folder(args.output, "--output")                   # before any work; writability is checked later
+    refuse_folder(stem + ".json", "--output's summary")
+    if os.path.exists(stem) and not os.path.isdir(stem):
+        raise UserError(f"--output '{args.output}' needs the sample folder '{stem}', but that is a file; choose "
+                        f"another --output or move the file")
     input_files = list_input_images(args.input) if args.input is not None else None
     if input_files is not None:
         check_outputs_spare_inputs(args.output, args.input, input_files)

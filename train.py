@@ -43,10 +43,13 @@ from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 STAGES = ("classifier", "oracle", "diffusion")
 OUTPUT_FILES = ("classifier_best.pth", "oracle_best.pth", "diffusion_final.pth", "last.pth")
-# flags that may differ on --resume (none changes the weights: sampling during training has its own generator);
-# every other flag comes from the checkpoint, and giving it a different value is an error
+# On --resume every other flag comes from the checkpoint, and giving it a different value is an error. These
+# say where and how this process runs: they are never taken from the checkpoint.
 RUNTIME_ARGS = ("resume", "overwrite", "device", "num_workers", "output_dir", "data_root", "cache_dir",
-                "download", "compile", "save_every", "sample_every", "checkpoint_every", "log_every")
+                "download", "compile")
+# These say how often the run logs, samples and saves (sampling has its own generator): taken from the
+# checkpoint unless given, and a given value may differ.
+CADENCE_ARGS = ("save_every", "sample_every", "checkpoint_every", "log_every")
 
 
 def int_tuple(text: str) -> tuple:
@@ -130,16 +133,15 @@ def check_args(args) -> None:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    problem = unet_config(args).check()
+    cfg = unet_config(args)
+    problem = cfg.check()
     if problem:
         raise UserError(problem + " (--image_size / --channel_mult)")
     if args.image_size < 16:
         raise UserError(f"--image_size {args.image_size} is too small; use at least 16")
-    sides = [args.image_size // 2 ** i for i in range(len(args.channel_mult))]       # one per UNet level
-    missing = [r for r in args.attn_resolutions if r not in sides]
-    if missing:
-        raise UserError(f"--attn_resolutions {missing[0]} is not a feature-map side of this UNet "
-                        f"({', '.join(map(str, sides))}); pick from those (the middle block always has attention)")
+    problem = cfg.attention_problem()
+    if problem:
+        raise UserError("--" + problem)
     attribute_index(args.dataset, args.attribute)   # raises with the closest name
 
 
@@ -504,7 +506,7 @@ def main() -> int:
         resume_state = load_checkpoint(path, kind="train_state", flag="--resume")
         given = parser.given()
         for k, v in resume_state["args"].items():        # the run continues with the flags it started with
-            if k in RUNTIME_ARGS or not hasattr(args, k):
+            if k in RUNTIME_ARGS or not hasattr(args, k) or (k in CADENCE_ARGS and k in given):
                 continue
             v = tuple(v) if isinstance(v, list) else v
             if k in given and getattr(args, k) != v:

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The prepared GPU check, in parts; each part's steps have their own time limits, and the parts are sized so
-# that "tests train" and then "compile sample" each fit one 10-minute device call:
+# that "tests train" and then "sample compile" each fit one 10-minute device call (the most wanted first:
+# --compile is an option, so it goes last):
 #
 #   bash benchmarks/device_check.sh tests train      # CUDA tests; training images/s and MFU vs diffusers, eager
-#   bash benchmarks/device_check.sh compile sample   # the same with --compile; data path; sampling at 64x64
+#   bash benchmarks/device_check.sh sample compile   # data path; sampling at 64x64; everything with --compile
 #   bash benchmarks/device_check.sh                  # every part, one after the other (on your own GPU machine)
 #
-#   tests    tests/test_cuda.py (bf16 training step under CUDA's sync debug mode, SDPA kernels, guided
-#            sampling, train.fit's syncs, the scripts end to end on the GPU)                 limit 300 s
+#   tests    tests/test_cuda.py but --compile (bf16 vs fp32, SDPA kernels, a training step under CUDA's sync
+#            debug mode, train.fit's syncs, train.py and generate.py end to end on the GPU)   limit 200 s
 #   train    train_throughput.py at the default 64x64 model, batch 32, eager, channels_last (as train.py) with
 #            --breakdown, then contiguous (on CUDA GroupNorm returns NCHW, so channels_last costs a copy per
 #            norm: which layout wins is measured here); layer_paths.py on CUDA                195 s
-#   compile  train_throughput.py --compile                                                    200 s
 #   sample   data_path.py with the training step on the GPU; a short 64x64 toyfaces run, then sampling.py on
-#            it (seconds per image, oracle rates, guided/unguided cost of a step)             310 s
+#            it (seconds per image, oracle rates, guided/unguided cost of a step)             255 s
+#   compile  the end-to-end test with --compile; train_throughput.py --compile               310 s
 #
-# Output goes to ${OUT:-device_out}/: <part>.log with everything printed, and train.json,
-# train_contiguous.json, train_compile.json, data.json, sampling.json, train_log.jsonl. Each step writes its
+# Output goes to ${OUT:-device_out}/: <parts joined by _>.log with everything printed, tests.xml and
+# tests_compile.xml (pytest's JUnit reports), train.json, train_contiguous.json, train_compile.json, data.json,
+# sampling.json and train_log.jsonl. Each step writes its
 # JSON as it goes (train_throughput after the timing and after --breakdown, sampling after every row), so a
 # step that runs out of time costs only its own figures. Every limit is `timeout -k 10`: train.py finishes its
 # step and saves on SIGTERM, so a plain timeout could overrun.
@@ -27,10 +29,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests train compile sample)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests train sample compile)
 for part in "${PARTS[@]}"; do
   case "$part" in tests|train|compile|sample) ;;
-    *) echo "error: unknown part '$part'; use any of tests, train, compile, sample (none: all four)" >&2; exit 2;;
+    *) echo "error: unknown part '$part'; use any of tests, train, sample, compile (none: all four)" >&2; exit 2;;
   esac
 done
 OUT=${OUT:-device_out}
@@ -63,8 +65,8 @@ EOF
 no_bars() { tr '\r' '\n' | grep --line-buffered -v 'it/s\]\|img/s\]\|s/it\]'; }
 
 tests() {
-  step "CUDA tests"
-  limit 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  step "CUDA tests (but --compile, which the compile part runs)"
+  limit 200 $PY -m pytest -q -p no:cacheprovider -k "not compile" --junitxml "$OUT/tests.xml" tests/test_cuda.py
 }
 
 train() {
@@ -78,20 +80,22 @@ train() {
 }
 
 compile() {
+  step "train.py and generate.py end to end with --compile"
+  limit 140 $PY -m pytest -q -p no:cacheprovider -k compile --junitxml "$OUT/tests_compile.xml" tests/test_cuda.py
   step "training throughput, --compile"
-  limit 200 $PY benchmarks/train_throughput.py --compile --steps 20 --repeats 5 --warmup 10 \
+  limit 170 $PY benchmarks/train_throughput.py --compile --steps 20 --repeats 5 --warmup 10 \
       --json "$OUT/train_compile.json"
 }
 
 sample() {
   step "data path: uint8 cache vs JPEG decoding, training step on the GPU"
-  limit 60 $PY benchmarks/data_path.py --device cuda --num_workers 8 --json "$OUT/data.json"
+  limit 45 $PY benchmarks/data_path.py --device cuda --num_workers 8 --json "$OUT/data.json"
   step "short 64x64 toyfaces run (default UNet), then the sampling benchmark on it"
-  limit 150 $PY train.py --dataset toyfaces --image_size 64 --subset_fraction 0.25 --classifier_epochs 3 \
+  limit 120 $PY train.py --dataset toyfaces --image_size 64 --subset_fraction 0.25 --classifier_epochs 3 \
       --oracle_epochs 3 --diffusion_epochs 6 --batch_size 128 --lr 2e-4 --num_workers 8 --sample_every 0 \
       --overwrite --output_dir "$RUN" 2>&1 | no_bars
   cp "$RUN/train_log.jsonl" "$OUT/" 2>/dev/null
-  limit 100 $PY benchmarks/sampling.py --run_dir "$RUN" --device cuda --configs ddpm:1000 ddpm:100 ddim:100 ddim:50 \
+  limit 90 $PY benchmarks/sampling.py --run_dir "$RUN" --device cuda --configs ddpm:1000 ddpm:100 ddim:100 ddim:50 \
       ddim:50:1 --num_samples 64 --batch_size 64 --guidance_scale 10 --step_repeats 30 --json "$OUT/sampling.json" \
       2>&1 | no_bars
 }

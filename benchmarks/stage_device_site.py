@@ -10,7 +10,6 @@ versions), never __pycache__, for every package in diffusers' dependency closure
 closure lacks. Compiled parts (safetensors, PyYAML, charset_normalizer, regex) are built for this Python:
 the target must run the same Python minor version, which the script prints.
 """
-import argparse
 import os
 import re
 import shutil
@@ -18,6 +17,10 @@ import sys
 from importlib import metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import ArgumentParser, UserError, run_main  # noqa: E402
+
+MARKER = ".staged_by_guidedemotion"   # a folder holding it was made here and may be replaced
 NOT_NEEDED = {"hf-xet"}      # the Hub's download accelerator (11 MB): imported only to download, never here
 
 
@@ -52,18 +55,22 @@ def requirement_names(path: str) -> list:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(ROOT, ".device_site"), help="folder to fill (replaced if there)")
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(ROOT, ".device_site"),
+                   help="folder to fill; an earlier one made by this script is replaced, any other is refused")
     args = p.parse_args()
     try:
         metadata.distribution("diffusers")
     except metadata.PackageNotFoundError:
-        print("error: diffusers is not installed here; pip install -r benchmarks/requirements.txt", file=sys.stderr)
-        return 2
+        raise UserError("diffusers is not installed here; pip install -r benchmarks/requirements.txt") from None
+    if os.path.exists(args.out):
+        if not os.path.isdir(args.out) or (os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, MARKER))):
+            raise UserError(f"--out '{args.out}' exists and was not made by this script; give a new folder")
+        shutil.rmtree(args.out)
     have = closure(requirement_names(os.path.join(ROOT, "requirements.txt")))
     stage = sorted(closure(["diffusers"]) - have - NOT_NEEDED)
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)
+    os.makedirs(args.out)
+    open(os.path.join(args.out, MARKER), "w").close()
     total = 0
     for name in stage:
         dist = metadata.distribution(name)
@@ -81,4 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -109,6 +109,9 @@ def checked_unet_config(args) -> UNetConfig:
     problem = cfg.check()
     if problem:
         raise UserError(problem + " (--image_size / --channel_mult)")
+    problem = cfg.attention_problem()
+    if problem:
+        raise UserError("--" + problem)
     return cfg
 
 
@@ -162,8 +165,7 @@ def diffusers_twin(cfg: UNetConfig, ours: UNet):
     head_dims = sorted({m.qkv.out_channels // 3 // m.num_heads for m in ours.modules() if isinstance(m, AttnBlock)})
     if len(head_dims) > 1:
         notes.append(f"ours has attention head dims {head_dims}, diffusers {head_dims[-1]} everywhere")
-    sides = [cfg.image_size // 2 ** i for i in range(len(cfg.channel_mult))]
-    attn = [s in cfg.attn_resolutions for s in sides]
+    attn = [s in cfg.attn_resolutions for s in cfg.sides]
     net = UNet2DModel(
         sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
         block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
@@ -359,8 +361,7 @@ def main() -> int:
         if abs(ratios["params"] - 1) > 0.10:
             notes.append(f"parameter counts differ by {abs(ratios['params'] - 1):.0%} (> 10%): not a like-for-like "
                          f"comparison")
-    up_sides = [cfg.image_size // 2 ** i for i in range(1, len(cfg.channel_mult))]   # Upsample input sides
-    transposed = [s for s in up_sides if Upsample.takes_transposed(device, s)]
+    transposed = [s for s in cfg.sides[1:] if Upsample.takes_transposed(device, s)]   # Upsample input sides
     if transposed:
         notes.append(f"ours computes {len(transposed)} upsampling conv(s) as a transposed conv on the CPU (the same "
                      f"function and weights, 2.25x fewer FLOPs in that layer)"

@@ -27,7 +27,8 @@ def check_train_throughput_table(stdout: str, with_diffusers: bool) -> None:
     assert header == ["model", "parameters", "fwd GFLOP/image", "images/s (median)", "ms/step", "MFU"]
     ours = rows["ours: UNet"]
     assert int(ours[1].replace(",", "")) > 0 and float(ours[2]) > 0 and float(ours[3]) > 0
-    assert abs(float(ours[4]) - 8e3 / float(ours[3])) < 0.1 + 1e-3 * float(ours[4])     # ms/step of batch 8
+    ips = float(ours[3])                                  # both printed to 0.1: allow for that rounding
+    assert abs(float(ours[4]) - 8e3 / ips) < 0.05 + 0.05 * 8e3 / (ips - 0.05) ** 2 + 1e-6     # ms/step, batch 8
     if not with_diffusers:
         assert list(rows) == ["ours: UNet"]
         return
@@ -218,11 +219,13 @@ def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_pa
                       "cannot write", "afile")
     assert_user_error(bad("benchmarks/train_throughput.py", "--json", tmp_path / "afile" / "r.json"),
                       "cannot write", "afile")
+    assert_user_error(bad("benchmarks/train_throughput.py", "--attn_resolutions", "12", "--count_only"),
+                      "--attn_resolutions 12 is not a feature-map side", "64, 32, 16, 8")
 
 
 def test_stage_device_site(tmp_path):
-    """Copies diffusers and what it needs beyond requirements.txt (never torch, never bytecode); it imports
-    from there alone. Without diffusers installed (CI) it says what to install."""
+    """Copies diffusers and what it needs beyond requirements.txt (never torch, never bytecode), and the
+    packages import from there. It replaces only a folder it made. Without diffusers (CI) it says what to install."""
     out = tmp_path / "site"
     proc = run("benchmarks/stage_device_site.py", "--out", out)
     if not HAVE_DIFFUSERS:
@@ -233,8 +236,15 @@ def test_stage_device_site(tmp_path):
     assert {"diffusers", "huggingface_hub", "safetensors"} <= staged
     assert not staged & {"torch", "numpy", "PIL", "hf_xet"} and not list(out.rglob("__pycache__"))
     assert any(name.startswith("diffusers-") and name.endswith(".dist-info") for name in staged)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from diffusers import UNet2DModel; import diffusers; "
-            "print(diffusers.__file__)")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from diffusers import UNet2DModel; "
+            "import diffusers, huggingface_hub, safetensors, yaml; "
+            "print(*(m.__file__ for m in (diffusers, huggingface_hub, safetensors, yaml)))")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
     assert_ok(proc)
-    assert proc.stdout.strip().startswith(str(out))
+    assert all(f.startswith(str(out)) for f in proc.stdout.split()), proc.stdout
+    assert_ok(run("benchmarks/stage_device_site.py", "--out", out))            # its own folder: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert_user_error(run("benchmarks/stage_device_site.py", "--out", mine), "not made by this script")
+    assert (mine / "notes.txt").read_text() == "keep"

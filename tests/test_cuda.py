@@ -43,15 +43,22 @@ def test_unet_bf16_channels_last_on_cuda_matches_fp32_on_cpu():
     assert ((out - ref).norm() / ref.norm()).item() < 0.03
 
 
-def test_attention_takes_a_fused_kernel_with_channels_last():
-    """The token layout is a contiguous view for channels_last activations; strided q/k/v would leave only the
-    math kernel, and restricting SDPA to the fused ones would then raise "No available kernel"."""
-    blk = AttnBlock(64).cuda().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 64, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_attention_takes_a_fused_kernel(layout):
+    """q/k/v reach SDPA contiguous in the head dim in either layout (a view of the channels_last qkv conv's
+    output, a copy of an NCHW one); strided q/k/v would leave only the math kernel, and restricting SDPA to
+    the fused ones would then raise "No available kernel". Both layouts give the same output."""
+    torch.manual_seed(0)
+    blk = AttnBlock(64).cuda()
+    torch.nn.init.normal_(blk.proj.weight, std=0.1)                 # zero-initialised: would hide the attention
+    blk.to(memory_format=layout)
+    x = torch.randn(2, 64, 8, 8, device="cuda").contiguous(memory_format=layout)
     with torch.autocast("cuda", dtype=torch.bfloat16), \
             sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         y = blk(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
+    ref = blk.float().to(memory_format=torch.contiguous_format).forward_matmul(x.float().contiguous())
+    assert ((y.float() - ref).norm() / (ref - x).norm()).item() < 0.03      # the attention part, in bf16
 
 
 def test_training_step_never_waits_for_the_gpu():

@@ -156,12 +156,13 @@ def test_too_many_corrupt_jpegs(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("edit, fragment", [
-    (lambda lines: lines[:2] + [lines[2].replace(" 1", " 300", 1).replace("-1", "300", 1)] + lines[3:],
-     "bad row for '000001.jpg' (expected a name and 40 values -1/1, got 40 values)"),
+    (lambda lines: lines[:2] + [lines[2].split()[0] + " 300 " + lines[2].split(maxsplit=2)[2]] + lines[3:],
+     "bad row for '000001.jpg' (expected a name and 40 values -1/1; 5_o_Clock_Shadow is '300')"),
     (lambda lines: lines[:2] + [line.rsplit(" ", 1)[0] for line in lines[2:]],      # every row one value short
-     "bad row for '000001.jpg' (expected a name and 40 values -1/1, got 39 values)"),
-    (lambda lines: lines[:2] + [lines[2].replace("-1", "yes", 1).replace(" 1", " yes", 1)] + lines[3:],
-     "bad row for '000001.jpg'"),
+     "bad row for '000001.jpg' (expected a name and 40 values -1/1; got 39 values)"),
+    (lambda lines: lines[:3] + [lines[3].split()[0] + " yes " + lines[3].split(maxsplit=2)[2]] + lines[4:],
+     "bad row for '000002.jpg' (expected a name and 40 values -1/1; 5_o_Clock_Shadow is 'yes')"),
+    (lambda lines: ["0", lines[1]], "lists no images"),
 ])
 def test_bad_annotation_rows_are_named(tmp_path, edit, fragment):
     make_celeba(tmp_path, "flat", n=5)

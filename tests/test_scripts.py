@@ -173,8 +173,8 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--guidance_scale", "inf"], ["--guidance_scale must be >= 0, got inf"]),
     (["--input", "generated_samples/sample_0000.png"], ["would write over or into",   # a rerun rewrites that folder
                                                         "generated_samples/sample_0000.png"]),
-    (["--output", "folder.png"], ["its grid 'folder.png' would replace an existing folder"]),
-    (["--output", "afile.png"], ["its sample folder 'afile' would replace an existing file"]),
+    (["--output", "folder.png"], ["--output 'folder.png' is a folder; give a file name"]),
+    (["--output", "afile.png"], ["needs the sample folder 'afile', but that is a file"]),
     (["--batch_size", "-3"], ["--batch_size must be > 0"]),
     (["--diffusion_model", "missing.pth"], ["missing.pth", "not found"]),
     (["--diffusion_model", "junk.pth"], ["junk.pth", "corrupt"]),
