@@ -63,14 +63,19 @@ def test_strength_zero_returns_the_input(toy_run, tmp_path):
 
 
 def test_inverted_counterfactuals_without_guidance_reconstruct(toy_run, tmp_path):
+    """Unguided, a DDIM-inverted x_t0 decodes back near its input; the q_sample one (fresh noise) does not:
+    at 20 steps the inversion's error is a few 1e-5 of the pixel range, re-noising's near a fifth."""
     out, _ = toy_run
-    proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
-               out / "classifier_best.pth", "--from_dataset", 3, "--sampler", "ddim", "--steps", 20, "--invert",
-               "--guidance_scale", 0, "--strength", 0.5, "--device", "cpu", "--output", tmp_path / "inv.png")
-    assert_ok(proc)
-    report = json.loads((tmp_path / "inv.json").read_text())
-    assert report["args"]["invert"] is True and len(os.listdir(tmp_path / "inv")) == 3
-    assert report["summary"]["scale_0"]["l1_mean"] < 0.2
+    l1 = {}
+    for name, extra in (("inv", ["--invert"]), ("noised", [])):
+        proc = run("generate.py", "--diffusion_model", out / "diffusion_final.pth", "--classifier_model",
+                   out / "classifier_best.pth", "--from_dataset", 3, "--sampler", "ddim", "--steps", 20, *extra,
+                   "--guidance_scale", 0, "--strength", 0.5, "--device", "cpu", "--output", tmp_path / f"{name}.png")
+        assert_ok(proc)
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["args"]["invert"] is (name == "inv") and len(os.listdir(tmp_path / name)) == 3
+        l1[name] = report["summary"]["scale_0"]["l1_mean"]
+    assert l1["inv"] < 1e-3 and l1["noised"] > 0.05, l1       # measured: 4.5e-5 and 0.18
 
 
 def test_localized_counterfactuals_keep_the_input_outside_the_mask(toy_run, tmp_path):
