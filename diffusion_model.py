@@ -158,9 +158,10 @@ class AttnBlock(nn.Module):
       - the CPU: channel-major matrix products, which need no token-major copy at all. On the CPU
         the SDPA kernels lose at these sizes (head dim 16-64, a few hundred tokens): the math kernel wants
         contiguous tokens and checks every row for full masking, the flash kernel's backward is slow, and a
-        1x1 convolution's backward costs more in oneDNN than the same matrix product. At 16x16 with 64
-        channels this path runs a block's forward and backward 1.6x faster than SDPA on the CPU, its forward
-        alone 2.2x faster (the whole-UNet effect is in benchmarks/train_throughput.py and the README).
+        1x1 convolution's backward costs more in oneDNN than the same matrix product. At the default
+        model's 256 channels and 16x16, forward plus backward, this path runs 1.0-1.2x faster than SDPA given
+        contiguous q/k/v on 2 CPU cores (benchmarks/layer_paths.py; 1.3-1.6x against the strided views an
+        NCHW map gives without a copy), and it needs no token-major copy at all.
     Both compute softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1); tests check they agree.
     """
 
