@@ -444,13 +444,13 @@ def _read_celeba_attrs(path: str) -> tuple[list[str], np.ndarray]:
     if sorted(header) != sorted(CELEBA_ATTRIBUTES):
         raise DataError(f"'{path}' does not list the 40 CelebA attributes in its header "
                         f"(found {len(header)} names); download the annotation file again")
+    if not rows:
+        raise DataError(f"'{path}' lists no images; download the annotation file again")
     try:
         values = np.array([row[1:] for row in rows], dtype=np.int8)  # (N, 40) of -1/1
         ok = values.shape == (len(rows), 40) and np.isin(values, (-1, 1)).all()
     except (ValueError, OverflowError):                 # ragged rows, words, numbers beyond int8
         ok = False
-    if not rows:
-        raise DataError(f"'{path}' lists no images; download the annotation file again")
     if not ok:                                          # the slow scan runs only to name the first bad row
         bad = next(row for row in rows if len(row) != 41 or any(v not in ("1", "-1") for v in row[1:]))
         what = (f"got {len(bad) - 1} values" if len(bad) != 41 else
