@@ -43,13 +43,12 @@ from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 STAGES = ("classifier", "oracle", "diffusion")
 OUTPUT_FILES = ("classifier_best.pth", "oracle_best.pth", "diffusion_final.pth", "last.pth")
-# On --resume every other flag comes from the checkpoint, and giving it a different value is an error. These
-# say where and how this process runs: they are never taken from the checkpoint.
-RUNTIME_ARGS = ("resume", "overwrite", "device", "num_workers", "output_dir", "data_root", "cache_dir",
-                "download", "compile")
-# These say how often the run logs, samples and saves (sampling has its own generator): taken from the
-# checkpoint unless given, and a given value may differ.
-CADENCE_ARGS = ("save_every", "sample_every", "checkpoint_every", "log_every")
+# --resume takes every flag from the checkpoint except these, which say where this run's files are
+NOT_RESUMED = ("resume", "overwrite", "output_dir", "cache_dir")
+# and a flag given with --resume must equal the saved one, except these: where and how the process runs, and
+# how often it logs, samples and saves (sampling during training has its own generator)
+ADJUSTABLE_ON_RESUME = ("device", "num_workers", "data_root", "download", "compile", "save_every", "sample_every",
+                        "checkpoint_every", "log_every")
 
 
 def int_tuple(text: str) -> tuple:
@@ -506,14 +505,15 @@ def main() -> int:
         resume_state = load_checkpoint(path, kind="train_state", flag="--resume")
         given = parser.given()
         for k, v in resume_state["args"].items():        # the run continues with the flags it started with
-            if k in RUNTIME_ARGS or not hasattr(args, k) or (k in CADENCE_ARGS and k in given):
+            if k in NOT_RESUMED or not hasattr(args, k):
                 continue
             v = tuple(v) if isinstance(v, list) else v
-            if k in given and getattr(args, k) != v:
+            if k not in given:
+                setattr(args, k, v)
+            elif getattr(args, k) != v and k not in ADJUSTABLE_ON_RESUME:
                 raise UserError(f"--{k} {getattr(args, k)} differs from the resumed run's {v}, and --resume keeps "
                                 f"the run's own flags; drop --{k}, or start a new run (--overwrite or another "
                                 f"--output_dir)")
-            setattr(args, k, v)
     check_args(args)
     device, rank, world = setup_device(args)          # a bad --device fails here, before anything is written
     ensure_writable_dir(args.output_dir)

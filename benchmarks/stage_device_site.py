@@ -59,13 +59,14 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, ".device_site"),
                    help="folder to fill; an earlier one made by this script is replaced, any other is refused")
     args = p.parse_args()
+    if os.path.lexists(args.out) and (os.path.islink(args.out) or not os.path.isdir(args.out) or (
+            os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, MARKER)))):
+        raise UserError(f"--out '{args.out}' exists and was not made by this script; give a new folder")
     try:
         metadata.distribution("diffusers")
     except metadata.PackageNotFoundError:
         raise UserError("diffusers is not installed here; pip install -r benchmarks/requirements.txt") from None
-    if os.path.exists(args.out):
-        if not os.path.isdir(args.out) or (os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, MARKER))):
-            raise UserError(f"--out '{args.out}' exists and was not made by this script; give a new folder")
+    if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     have = closure(requirement_names(os.path.join(ROOT, "requirements.txt")))
     stage = sorted(closure(["diffusers"]) - have - NOT_NEEDED)

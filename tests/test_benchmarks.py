@@ -226,6 +226,13 @@ def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_pa
 def test_stage_device_site(tmp_path):
     """Copies diffusers and what it needs beyond requirements.txt (never torch, never bytecode), and the
     packages import from there. It replaces only a folder it made. Without diffusers (CI) it says what to install."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(mine)
+    for taken in (mine, tmp_path / "link", mine / "notes.txt"):          # checked before anything else
+        assert_user_error(run("benchmarks/stage_device_site.py", "--out", taken), "not made by this script")
+    assert (mine / "notes.txt").read_text() == "keep"
     out = tmp_path / "site"
     proc = run("benchmarks/stage_device_site.py", "--out", out)
     if not HAVE_DIFFUSERS:
@@ -243,8 +250,3 @@ def test_stage_device_site(tmp_path):
     assert_ok(proc)
     assert all(f.startswith(str(out)) for f in proc.stdout.split()), proc.stdout
     assert_ok(run("benchmarks/stage_device_site.py", "--out", out))            # its own folder: replaced
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep")
-    assert_user_error(run("benchmarks/stage_device_site.py", "--out", mine), "not made by this script")
-    assert (mine / "notes.txt").read_text() == "keep"

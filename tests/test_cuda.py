@@ -136,7 +136,7 @@ def test_train_and_generate_on_cuda(tmp_path, compile_flag):
     out = tmp_path / "run"
     proc = run("train.py", "--dataset", "toyfaces", *CUDA, *compile_flag, "--classifier_epochs", 1,
                "--oracle_epochs", 1, "--diffusion_epochs", 1, "--max_steps_per_epoch", 8, "--subset_fraction", 0.05,
-               "--output_dir", out, timeout=200)
+               "--output_dir", out, timeout=140)                       # under device_check.sh's limits
     assert_ok(proc)
     for name in ("diffusion_final.pth", "classifier_best.pth", "oracle_best.pth"):
         ckpt = torch.load(out / name, weights_only=True, map_location="cpu")

@@ -62,6 +62,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming diffusion at epoch 1, batch {state['batch']}" in resumed.stdout
     assert not (killed / "samples").exists()                      # the run's own --sample_every 0, kept
+    assert "CUDA is not available" not in resumed.stdout          # and its own --device cpu
     a, b = weights(straight / "diffusion_final.pth"), weights(killed / "diffusion_final.pth")
     assert a.keys() == b.keys()
     for k in a:
