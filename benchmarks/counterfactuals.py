@@ -58,6 +58,8 @@ def main():
         check_positive("--scales", s, allow_zero=True)
     if any(not 0 <= s <= 1 for s in args.strengths):
         raise UserError(f"--strengths must lie in [0, 1], got {args.strengths}; e.g. --strengths 0.3 0.5 0.7")
+    if not 0.0 <= args.mask_threshold < 1.0:
+        raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
     if any(t not in (0, 1) for t in args.targets):
         raise UserError(f"--targets must be 0 or 1, got {args.targets}; e.g. --targets 1 0")
     if args.invert and args.sampler != "ddim":

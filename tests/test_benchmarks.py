@@ -208,6 +208,10 @@ def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_pa
     assert_user_error(bad("benchmarks/sampling.py", "--run_dir", tmp_path), "diffusion_final.pth")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--strengths", 1.5), "--strengths", "[0, 1]")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--targets", 2), "--targets")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--mask_threshold", "nan"),
+                      "--mask_threshold must be in [0, 1)")
+    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--scales", 10, "inf"),
+                      "--scales must be >= 0, got inf")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--resample", 0), "--resample must be > 0")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--invert"), "--invert", "--sampler ddim")
     assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--preserve", -1), "--preserve must be >= 0")
