@@ -205,6 +205,14 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
     return ckpt
 
 
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """The layout of the networks and their image batches on ``device``, one choice for training, sampling and
+    the benchmarks: channels_last on CUDA, where cuDNN's convolutions take it natively (GroupNorm copies it
+    to NCHW and back there; benchmarks/train_throughput.py --memory_format measures both layouts), and
+    PyTorch's default NCHW elsewhere (channels_last trained 0.91x as fast on the CPU)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
     """bf16 autocast: 'auto' uses it on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where it
     roughly halves the time of a training step; 'fp32' turns it off."""

@@ -29,8 +29,8 @@ from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_save_image, atomic_write_json, autocast,
-                    check_positive, ensure_writable_dir, grid_image, heatmap, load_checkpoint, refuse_folder,
-                    resolve_device, run_main, to_uint8)
+                    check_positive, ensure_writable_dir, grid_image, heatmap, load_checkpoint, memory_format_for,
+                    refuse_folder, resolve_device, run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -103,9 +103,7 @@ def load_diffusion(path: str, device):
     ckpt = load_checkpoint(path, "diffusion", "--diffusion_model")
     net = UNet(UNetConfig(**ckpt["config"]))
     net.load_state_dict(ckpt.get("ema") or ckpt["model"])             # sample with the EMA weights
-    net = net.to(device).eval()
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(device, memory_format=memory_format_for(device)).eval()
     return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt
 
 

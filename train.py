@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig
 from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, ArgumentParser, UserError, append_line,
                     atomic_torch_save, autocast, check_positive, ensure_writable_dir, load_checkpoint, make_checkpoint,
-                    resolve_device, run_main, save_grid)
+                    memory_format_for, resolve_device, run_main, save_grid)
 from dataset import DATASETS, attribute_index, attribute_names, load_split, random_flip, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -264,9 +264,9 @@ def unwrap(model):
 
 
 def wrap(model, run: Run):
-    """channels_last + optional torch.compile + DDP around the plain module (which is what gets saved)."""
-    if run.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    """The device's layout (channels_last on CUDA) + optional torch.compile + DDP around the plain module
+    (which is what gets saved)."""
+    model = model.to(memory_format=memory_format_for(run.device))
     if run.args.compile:
         model = torch.compile(model)
     if run.world > 1:
@@ -363,9 +363,7 @@ def fit(run: Run, stage: str, modules: dict, optimizer, split, epochs: int, lr: 
             if device.type == "cuda" and not on_device:
                 xb = xb.pin_memory()                                       # lets the copy below overlap
             xb = xb.to(device, non_blocking=True)
-            x = random_flip(to_float(xb))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = random_flip(to_float(xb)).contiguous(memory_format=memory_format_for(device))
             for group in optimizer.param_groups:                           # linear warm-up
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
             with run.autocast:
@@ -658,8 +656,8 @@ def main() -> int:
         ema = UNet(cfg).to(device).eval().requires_grad_(False)
         ema.load_state_dict(net.state_dict())
         model = wrap(net, run)
-        if device.type == "cuda":          # the same memory format as the model: update_ema's foreach lerp
-            ema.to(memory_format=torch.channels_last)      # stays on its fast path, and sampling uses fused SDPA
+        ema.to(memory_format=memory_format_for(device))   # as the model's: update_ema's foreach lerp stays on
+                                                          # its fast path, and sampling uses fused SDPA
         opt = make_optimizer(net.parameters(), args.lr, args.weight_decay, device)
         if run.main:
             print(f"diffusion UNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")

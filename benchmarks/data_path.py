@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json, autocast, check_output_file,  # noqa: E402
-                    check_positive, resolve_device, run_main)
+                    check_positive, memory_format_for, resolve_device, run_main)
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402
@@ -79,8 +79,7 @@ class JpegFaces(torch.utils.data.Dataset):
 
 def finish(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The common tail of both paths, as in train.fit: uint8 (B,3,S,S) -> float on device, in [-1, 1], flipped."""
-    x = random_flip(to_float(xb.to(device, non_blocking=True)))
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return random_flip(to_float(xb.to(device, non_blocking=True))).contiguous(memory_format=memory_format_for(device))
 
 
 def jpeg_pass(ds: JpegFaces, bs: int) -> tuple:
@@ -164,9 +163,7 @@ def main() -> int:
 
         # 2. waiting for data inside a training step
         torch.manual_seed(0)
-        model = UNet(cfg).to(device).train()
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = UNet(cfg).to(device, memory_format=memory_format_for(device)).train()
         step = make_train_step(model, GaussianDiffusion(DiffusionConfig()), amp, device)
         images = split.images
         if device.type == "cuda" and images.numel() < 0.25 * torch.cuda.get_device_properties(device).total_memory:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import ArgumentParser, autocast, check_positive, resolve_device, run_main  # noqa: E402
+from common import ArgumentParser, autocast, check_positive, memory_format_for, resolve_device, run_main  # noqa: E402
 from diffusion_model import AttnBlock, Upsample, dropout  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> int:
     device = resolve_device(args.device, "benchmarking")
     amp = autocast(device)
     rows, modules = cases(args.batch_size)
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format       # as train.py
+    layout = memory_format_for(device)                                                       # as train.py
     for m in modules:
         m.to(device, memory_format=layout)
     with amp:

@@ -72,7 +72,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_write_json, autocast, check_output_file,  # noqa: E402
-                    check_positive, resolve_device, run_main)
+                    check_positive, memory_format_for, resolve_device, run_main)
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, Upsample  # noqa: E402
 from train import add_unet_args, make_optimizer  # noqa: E402
 
@@ -330,9 +330,9 @@ def main() -> int:
     amp = autocast(device, args.precision)
     with amp:
         bf16 = torch.is_autocast_enabled(device.type)
-    layout = args.memory_format if args.memory_format != "auto" else \
-        ("channels_last" if device.type == "cuda" else "contiguous")
-    memory_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[layout]
+    memory_format = {"auto": memory_format_for(device), "channels_last": torch.channels_last,
+                     "contiguous": torch.contiguous_format}[args.memory_format]
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
 
     torch.manual_seed(0)
     ours = UNet(cfg).to(device)
