@@ -209,6 +209,7 @@ def ours_as_diffusers_state(ours: UNet) -> dict:
     put("conv_in", "conv_in")
     put("temb_mlp.0", "time_embedding.linear_1")
     put("temb_mlp.2", "time_embedding.linear_2")
+
     def path(ours_list, theirs_blocks, blocks_per_level, sampler):     # an encoder or decoder, level by level
         levels, k = len(cfg.channel_mult), 0
         for i in range(levels):
@@ -419,14 +420,15 @@ def main() -> int:
     if args.breakdown:
         result["breakdown_ms_per_step"] = {k: step_breakdown(steps[k], args.breakdown_steps, device) for k in models}
         save()
-        print_breakdown(result["breakdown_ms_per_step"], {k: 1e3 * args.batch_size / med[k] for k in models},
+        print_breakdown(result["breakdown_ms_per_step"],
+                        1e3 * args.batch_size / med["diffusers"] if have_diffusers else None,
                         {k: 3 * flops[k] * args.batch_size for k in models})
     return 0
 
 
-def print_breakdown(ms: dict, step_ms: dict, flops_per_step: dict) -> None:
+def print_breakdown(ms: dict, theirs_step_ms: float | None, flops_per_step: dict) -> None:
     """The --breakdown table, one row per kind of op and a column pair per model; the convolutions' rate; with
-    diffusers, the conv-bound ceiling against its timed step (``step_ms``)."""
+    diffusers, the conv-bound ceiling against its timed step (``theirs_step_ms``)."""
     print(f"\nwhere a step goes (profiled {', '.join(ms)}; ms per step and share of the step):\n")
     print("| kind of op | " + " | ".join(f"{k} ms | {k} share" for k in ms) + " |")
     print("|---|" + "---|---|" * len(ms))
@@ -436,8 +438,8 @@ def print_breakdown(ms: dict, step_ms: dict, flops_per_step: dict) -> None:
     rate = {k: flops_per_step[k] / (ms[k]["convolution"] / 1e3) / 1e9 for k in ms}
     print("\nconvolution rate, at most (3 x forward FLOPs per step / convolution time): "
           + ", ".join(f"{k} {rate[k]:.0f}" for k in ms) + " GFLOP/s")
-    if "diffusers" in ms:
-        ceiling = step_ms["diffusers"] / ms["ours"]["convolution"]
+    if theirs_step_ms is not None:
+        ceiling = theirs_step_ms / ms["ours"]["convolution"]
         print(f"\nconv-bound ceiling: ours would run at {ceiling:.2f}x diffusers' images/s if everything but its "
               f"convolutions took no time")
 

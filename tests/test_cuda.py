@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
+from common import memory_format_for
 from dataset import load_split
 from diffusion_model import AttnBlock, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from fakes import TINY, assert_ok, run
@@ -105,7 +106,7 @@ def fit_syncs(out, steps: int, device=torch.device("cuda")) -> int:
     run_ = train.Run(args, device, 0, 1, None)
     split = load_split("toyfaces", "train", 16, subset_fraction=0.05, verbose=False)       # 1,000 images
     torch.manual_seed(0)
-    net = UNet(CFG).to(device).to(memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    net = UNet(CFG).to(device, memory_format=memory_format_for(device))             # as train.py
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = make_optimizer(net.parameters(), 1e-4, 0.0, device)
     diffusion = GaussianDiffusion(DiffusionConfig(timesteps=100))
