@@ -68,6 +68,16 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
 
 
+MAX_SEED = 2 ** 31 - 1     # train.py offsets its seed per stage and generate.py per batch: both stay in range
+
+
+def check_seed(value: int, flag: str = "--seed") -> None:
+    """A seed must be an integer in [0, MAX_SEED] (NumPy takes < 2^32, and the per-stage and per-batch offsets
+    must not push it past that, or past torch's 64 bits, halfway through a run)."""
+    if not 0 <= value <= MAX_SEED:
+        raise UserError(f"{flag} must be an integer in [0, {MAX_SEED}], got {value}; pass e.g. 0")
+
+
 def refuse_folder(path: str, flag: str) -> None:
     """A file a run will write must not be an existing folder (checked before the work, without writing)."""
     if os.path.isdir(path):

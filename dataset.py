@@ -510,6 +510,17 @@ def _report(dataset, split, n, k, fraction, verbose):
         print(f"{dataset} {split}: {n:,} images in split, using {k:,} ({100 * fraction:g}%)")
 
 
+def _file_sha1(path: str) -> str:
+    h = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise DataError(f"cannot read '{path}' ({e.strerror}); check its permissions, or download it again") from None
+    return h.hexdigest()
+
+
 def _cache_paths(cache_dir: str, key: dict) -> tuple[str, str]:
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     stem = os.path.join(cache_dir, f"{key['dataset']}_{key['split']}_{key['image_size']}px_{digest}")
@@ -573,9 +584,11 @@ def load_split(dataset: str, split: str, image_size: int, data_root: str = "./da
            "subset_fraction": subset_fraction, "seed": seed, "version": CACHE_VERSION}
     if dataset == "celeba":
         files = _find_celeba(data_root, download)
-        with open(files["attr"], "rb") as f:
-            n_lines = sum(1 for line in f if line.strip())
-        key.update(root=os.path.abspath(data_root), annotation_lines=n_lines)
+        # a changed label or split assignment (the annotation files' bytes, ~0.1 s to hash for CelebA), or images
+        # added or removed (the folder's mtime), gives a new key; an image rewritten in place under its old name
+        # does not: pass another --cache_dir (or delete the cache) after editing images
+        key.update(root=os.path.abspath(data_root), attr_sha1=_file_sha1(files["attr"]),
+                   partition_sha1=_file_sha1(files["partition"]), images_mtime_ns=os.stat(files["images"]).st_mtime_ns)
     else:
         key.update(sizes=TOYFACES_SPLIT_SIZES)
 

@@ -80,7 +80,7 @@ class UNetConfig:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (DDPM Sec. 3.3 / Transformer positions). (B,) -> (B, dim)."""
+    """Sinusoidal embedding of integer timesteps (DDPM App. B; Vaswani et al. 2017 Sec. 3.5). (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]                       # (B, half)
@@ -510,6 +510,7 @@ class GaussianDiffusion:
         over the same timesteps ``sample`` walks back down, so DDIM (eta = 0) from the result reconstructs
         x_0 up to discretisation error: an edit starts from the input's own noise, not a fresh draw."""
         seq = self.timestep_sequence(steps, t_start)[::-1]                  # ascending: 0, ..., t_start
+        seq = [0] + seq if seq and seq[0] != 0 else seq                     # one step: 0 -> t_start
         x, B = x0, x0.shape[0]
         for t, t_next in tqdm(list(zip(seq[:-1], seq[1:])), desc="ddim inversion", disable=not progress, leave=False):
             tt = torch.full((B,), t, device=x.device, dtype=torch.long)
@@ -529,6 +530,8 @@ class GaussianDiffusion:
             return []
         steps = T if steps is None else int(steps)
         n = max(1, math.ceil(steps * (t_start + 1) / T))
+        if n == 1:                      # one step: x_{t_start} -> x0_hat directly (linspace(0, t, 1) would be [0])
+            return [t_start]
         seq = np.unique(np.round(np.linspace(0, t_start, n)).astype(np.int64))
         return [int(s) for s in seq[::-1]]
 

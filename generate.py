@@ -29,8 +29,8 @@ from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
 from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_save_image, atomic_write_json, autocast,
-                    check_positive, ensure_writable_dir, grid_image, heatmap, load_checkpoint, memory_format_for,
-                    refuse_folder, resolve_device, run_main, to_uint8)
+                    check_positive, check_seed, ensure_writable_dir, grid_image, heatmap, load_checkpoint,
+                    memory_format_for, refuse_folder, resolve_device, run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -269,12 +269,13 @@ def clean_batches(fn, x0: torch.Tensor, device=None, batch_size: int = 256) -> t
 
 
 def at_t0(x: torch.Tensor) -> torch.Tensor:
-    """Timestep 0 for every image of the batch x: the guide judging clean images. (B,3,S,S) -> (B,)"""
+    """Timestep 0 for every image of the batch x: the guide judges a clean image as if it were x_t at the least
+    noisy step it was trained on (t = 0, noise std sqrt(1 - abar_0) = 0.01). (B,3,S,S) -> (B,)"""
     return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
 
 def guide_probability(classifier, x0: torch.Tensor, target: int, device=None, batch_size: int = 256) -> torch.Tensor:
-    """The guiding classifier's p(target | x_0) on clean images (t = 0). (N,3,S,S) -> (N,)"""
+    """The guiding classifier's p(target | x_0) on clean images (judged at t = 0, ``at_t0``). (N,3,S,S) -> (N,)"""
     def p_target(x):
         logit = classifier(x, at_t0(x)).float()
         return torch.sigmoid(logit if target == 1 else -logit)
@@ -397,6 +398,7 @@ def main() -> int:
     check_positive("--batch_size", args.batch_size)
     check_positive("--steps", args.steps)
     check_positive("--from_dataset", args.from_dataset)
+    check_seed(args.seed)
     for scale in args.guidance_scale:
         check_positive("--guidance_scale", scale, allow_zero=True)          # 0 means no guidance
     if not 0.0 <= args.strength <= 1.0:

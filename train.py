@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig
 from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, ArgumentParser, UserError, append_line,
-                    atomic_torch_save, autocast, check_positive, ensure_writable_dir, load_checkpoint, make_checkpoint,
-                    memory_format_for, resolve_device, run_main, save_grid)
+                    atomic_torch_save, autocast, check_positive, check_seed, ensure_writable_dir, load_checkpoint,
+                    make_checkpoint, memory_format_for, resolve_device, run_main, save_grid)
 from dataset import DATASETS, attribute_index, attribute_names, load_split, random_flip, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -126,6 +126,7 @@ def check_args(args) -> None:
     check_positive("--classifier_lr", args.classifier_lr)
     check_positive("--oracle_lr", args.oracle_lr)
     check_positive("--grad_clip", args.grad_clip)
+    check_seed(args.seed)
     if not 0.0 < args.subset_fraction <= 1.0:
         raise UserError(f"--subset_fraction must be in (0, 1], got {args.subset_fraction}")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -454,7 +455,8 @@ def update_ema(ema, model, decay: float, step: int) -> None:
 
 @torch.no_grad()
 def classifier_accuracy(model, diffusion, split, attr_idx, t_value, run, batch_size=256) -> torch.Tensor:
-    """Per-output accuracy of the noise-aware classifier on q_sample(x_0, t) with fixed noise (t = 0: clean).
+    """Per-output accuracy of the noise-aware classifier on q_sample(x_0, t) with fixed noise; at t = 0 on the clean
+    x_0 itself (the first step's noise, std 0.01, is left out: this is the accuracy on clean images).
 
     -> (A,) for an all-attribute guide, (1,) for one that learns only the attribute ``attr_idx``."""
     columns = slice(None) if model.cfg.num_outputs > 1 else [attr_idx]
@@ -540,6 +542,13 @@ def main() -> int:
         return s
 
     train_set, valid_set, test_set = split("train"), split("valid"), split("test")
+    if args.overwrite and resume_state is None and run.main:   # the input is good: now the earlier run's state goes
+        stale = [f for f in ("last.pth", "train_log.jsonl") if os.path.exists(os.path.join(args.output_dir, f))]
+        for f in stale:                 # so a crash before this run's first save cannot resume that run instead
+            os.remove(os.path.join(args.output_dir, f))
+        if stale:
+            print(f"--overwrite: removed the earlier run's {' and '.join(stale)}; its other files are replaced as "
+                  f"this run writes its own")
     names = attribute_names(args.dataset)
     attr_idx = attribute_index(args.dataset, args.attribute)
     diffusion_cfg = DiffusionConfig(timesteps=args.timesteps)

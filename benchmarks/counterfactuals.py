@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from common import (ArgumentParser, UserError, atomic_write_json, autocast, check_output_file, check_positive,  # noqa: E402
-                    resolve_device, run_main)
+                    check_seed, resolve_device, run_main)
 from dataset import to_float, toyface_counterfactuals  # noqa: E402
 from generate import (DEFAULT_PRESERVE, counterfactual_metrics, dataset_inputs, encode, guide_probability,  # noqa: E402
                       load_run, make_counterfactuals, oracle_probabilities)
@@ -54,6 +54,7 @@ def main():
     args = p.parse_args()
     for name in ("n", "steps", "batch_size", "resample"):
         check_positive("--" + name, getattr(args, name))
+    check_seed(args.seed)
     for s in args.scales:
         check_positive("--scales", s, allow_zero=True)
     if any(not 0 <= s <= 1 for s in args.strengths):

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from classifier import make_cond_fn  # noqa: E402
 from common import (ArgumentParser, UserError, atomic_write_json, autocast, check_output_file, check_positive,  # noqa: E402
-                    resolve_device, run_main)
+                    check_seed, resolve_device, run_main)
 from dataset import load_split  # noqa: E402
 from generate import generate_images, load_run, oracle_probabilities  # noqa: E402
 from train_throughput import sync  # noqa: E402
@@ -93,6 +93,7 @@ def main():
         check_positive("--" + name, getattr(args, name))
     check_positive("--guidance_scale", args.guidance_scale, allow_zero=True)
     check_positive("--step_repeats", args.step_repeats, allow_zero=True)
+    check_seed(args.seed)
     configs = [parse_config(c) for c in args.configs]
     check_output_file(args.json, "--json")
 

@@ -1,5 +1,6 @@
 """Shared by the tests: a tiny fake CelebA folder, and running the scripts as a user would."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -77,8 +78,13 @@ def run_here(script, *args, cwd, capsys, monkeypatch):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(module.main)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}   # train.py installs its own
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(module.main)
+    finally:                            # so pytest's Ctrl-C (and device_check.sh's SIGINT) still stop the session
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, exit_info.value.code, out, err)
 

@@ -1,17 +1,20 @@
 """Counterfactual mode of generate.py: panels, files, JSON, strength 0, the metrics, the oracle checkpoint."""
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from classifier import Oracle, OracleConfig
-from common import load_checkpoint
+from classifier import Oracle
+from common import autocast, load_checkpoint
 from dataset import attribute_names, load_split
-from generate import DEFAULT_PRESERVE, counterfactual_metrics, edit_mask, load_oracle
+from diffusion_model import DiffusionConfig, GaussianDiffusion
+from generate import DEFAULT_PRESERVE, counterfactual_metrics, edit_mask, encode, load_oracle
 from fakes import TINY, assert_ok, assert_user_error, run
+from train import oracle_accuracy
 
 
 def test_counterfactuals_from_the_test_split(toy_run, tmp_path):
@@ -127,6 +130,21 @@ def test_from_dataset_picks_inputs_by_the_steered_attribute(toy_run, tmp_path):
     assert any(a[d_ckpt["attribute_index"]] == 1 for a in chosen)    # not picked by the diffusion run's attribute
 
 
+def test_encode_is_q_sample_at_t_start():
+    """SDEdit's start: x_t0 = sqrt(abar_t0) x_0 + sqrt(1 - abar_t0) eps (DDPM Eq. 4), eps ~ N(0, I) fresh for each
+    batch but fixed by --seed; t0 = -1 (strength 0) is the input itself."""
+    d = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    x0 = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x_t = encode(None, d, x0, 49, seed=3, batch_size=4)
+    abar = d.alphas_cumprod[49].double()
+    eps = (x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()
+    assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05       # 6144 draws: 4 sigma
+    assert not torch.allclose(eps[:4], eps[4:], atol=0.1)                            # each batch its own noise
+    assert torch.equal(encode(None, d, x0, 49, seed=3, batch_size=4), x_t)
+    assert not torch.equal(encode(None, d, x0, 49, seed=4, batch_size=4), x_t)
+    assert torch.equal(encode(None, d, x0, -1), x0)
+
+
 def test_edit_mask_closed_form():
     x_u = torch.zeros(1, 3, 9, 9)
     x_g = x_u.clone()
@@ -163,16 +181,18 @@ def test_metrics_on_hand_built_cases():
 
 
 def test_oracle_checkpoint_round_trip(toy_run):
+    """The oracle rebuilt from its file alone scores exactly the test accuracy train.py stored in that file."""
     out, _ = toy_run
     net, ckpt = load_oracle(str(out / "oracle_best.pth"), "cpu")
     assert isinstance(net, Oracle) and ckpt["kind"] == "oracle" and not net.training
-    again = Oracle(OracleConfig(**load_checkpoint(str(out / "oracle_best.pth"), "oracle")["config"]))
-    again.load_state_dict(ckpt["model"])
-    again.eval()
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(net(x), again(x))
-    assert net(x).shape == (2, 5)
+    a = ckpt["args"]
+    test = load_split("toyfaces", "test", ckpt["image_size"], subset_fraction=a["subset_fraction"], seed=a["seed"],
+                      verbose=False)
+    cpu = torch.device("cpu")
+    run_like = SimpleNamespace(device=cpu, autocast=autocast(cpu, a["precision"]), from_main=lambda x: x)
+    acc = oracle_accuracy(net, test, run_like)
+    assert net(test.images[:2].float()).shape == (2, 5)
+    assert ckpt["test_acc"] == {n: round(v, 4) for n, v in zip(ckpt["attr_names"], acc.tolist())}
 
 
 def test_guide_over_all_attributes_holds_the_others(toy_run, tmp_path):

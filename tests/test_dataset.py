@@ -1,6 +1,7 @@
 """dataset.py: CelebA reading in both folder layouts (on tiny fake copies), subsets, caching,
 unreadable images, user images, and the toyfaces generator (determinism, where each attribute shows)."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 import dataset as ds
-from dataset import DataError
+from dataset import CELEBA_ATTRIBUTES, DataError
 from fakes import make_celeba
 
 SPLIT_SIZES = {"train": 24, "valid": 8, "test": 8}
@@ -367,3 +368,32 @@ def test_toyface_canvas_sizes():
 def test_a_split_too_big_for_memory_is_a_clear_error():
     with pytest.raises(DataError, match=r"at 100000x100000 need .* GiB, more memory than this machine gives"):
         ds.load_split("toyfaces", "train", 100000, "./data", 0.5, 0, None, False, 0, verbose=False)
+
+
+def test_cache_follows_the_annotation_files_and_the_image_folder(celeba, tmp_path):
+    # a changed label, a changed split assignment, or an image added: the next load decodes afresh and tells
+    root = tmp_path / "root"
+    shutil.copytree(celeba[0], root)
+    base, cache = root / "celeba", str(tmp_path / "cache")
+    first = load(str(root), cache_dir=cache)
+    name, col = first.names[0], CELEBA_ATTRIBUTES.index("Smiling")
+    attr = base / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith(name))
+    fields = lines[row].split()
+    fields[1 + col] = "1" if fields[1 + col] == "-1" else "-1"             # flip one label
+    lines[row] = " ".join(fields)
+    attr.write_text("\n".join(lines) + "\n")
+    relabelled = load(str(root), cache_dir=cache)
+    assert relabelled.names == first.names and torch.equal(relabelled.images, first.images)
+    assert relabelled.attrs[0, col] == 1 - first.attrs[0, col]
+    part = base / "list_eval_partition.txt"
+    part.write_text(part.read_text().replace(f"{name} 0", f"{name} 2"))     # move it to the test split
+    assert name not in load(str(root), cache_dir=cache, subset_fraction=1.0).names
+    assert name in load(str(root), split="test", cache_dir=cache, subset_fraction=1.0).names
+    n_cached = len([f for f in os.listdir(cache) if f.endswith(".npy")])
+    images = base / "img_align_celeba"
+    shutil.copy(images / name, images / "999999.jpg")                          # an image added
+    os.utime(images, ns=(0, os.stat(images).st_mtime_ns + 10 ** 9))           # (a coarse clock would miss it)
+    load(str(root), cache_dir=cache, subset_fraction=1.0)
+    assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == n_cached + 1

@@ -147,13 +147,84 @@ def test_ddim_inversion_round_trip(diffusion):
         assert torch.allclose(back, x0, atol=1e-4)
 
 
-def test_ddim_eta1_noise_is_the_ddpm_posterior_variance(diffusion):
-    # DDIM Eq. 16 with eta = 1 and consecutive steps: sigma^2 = beta_tilde_t (DDPM Eq. 7)
+def abar64(diffusion, t_val: int) -> torch.Tensor:
+    """alphas_cumprod[t] in float64, with alphas_cumprod[-1] := 1 (the clean image)."""
+    return torch.tensor(1.0, dtype=torch.float64) if t_val < 0 else diffusion.alphas_cumprod[t_val].double()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_is_eq12(diffusion, eta):
+    """One DDIM step against DDIM Eq. 12 with Eq. 16's sigma, written out in float64: with a network that
+    knows x_0, x_prev = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, z the generator's draw."""
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8
+    eps = torch.randn(x0.shape, generator=g)
+    model = TrueNoise(diffusion, x0)
+    for t_val, s_val in ((999, 979), (500, 100), (30, 0), (9, -1)):
+        t, s = torch.full((2,), t_val), torch.full((2,), s_val)
+        xt = diffusion.q_sample(x0, t, eps)
+        out = diffusion.ddim_sample(model, xt, t, s, eta=eta, generator=torch.Generator().manual_seed(8))
+        a_t, a_s = abar64(diffusion, t_val), abar64(diffusion, s_val)
+        sigma = eta * ((1 - a_s) / (1 - a_t)).sqrt() * (1 - a_t / a_s).sqrt()
+        z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(8)).double()
+        expected = a_s.sqrt() * x0.double() + (1 - a_s - sigma ** 2).sqrt() * eps.double() + sigma * z
+        assert torch.allclose(out.double(), expected, atol=2e-5), (t_val, s_val)
+
+
+def test_ddim_eta1_over_consecutive_steps_is_the_ddpm_step(diffusion):
+    # DDIM Eq. 16 with eta = 1 and t_prev = t - 1 gives sigma^2 = beta_tilde_t (DDPM Eq. 7), so one DDIM step is
+    # one ancestral step drawing the same noise, for any network (here an untrained UNet, x_0 clipped)
+    model = tiny_unet()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     for t_val in (1, 100, 999):
-        t, tp = torch.tensor([t_val]), torch.tensor([t_val - 1])
-        abar, abar_prev = diffusion.alpha_bar(t, (1,)), diffusion.alpha_bar(tp, (1,))
-        sigma2 = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
-        assert torch.allclose(sigma2.squeeze(), diffusion.posterior_variance[t_val], rtol=1e-9)
+        t, tp = torch.full((2,), t_val), torch.full((2,), t_val - 1)
+        ddim = diffusion.ddim_sample(model, x, t, tp, eta=1.0, generator=torch.Generator().manual_seed(6))
+        ddpm = diffusion.p_sample(model, x, t, tp, generator=torch.Generator().manual_seed(6))
+        assert torch.allclose(ddim, ddpm, atol=1e-5), t_val
+        sigma2 = (1 - abar64(diffusion, t_val - 1)) / (1 - abar64(diffusion, t_val)) * (
+            1 - abar64(diffusion, t_val) / abar64(diffusion, t_val - 1))
+        assert torch.allclose(sigma2, diffusion.posterior_variance[t_val].double(), rtol=1e-9)
+
+
+def test_ddim_inversion_step_is_eq12_forwards(diffusion):
+    """Each inversion step t -> t' is x_t' = sqrt(abar_t') x0_hat(x_t, t) + sqrt(1 - abar_t') eps_theta(x_t, t), with
+    an untrained UNet (so nothing cancels): two steps 0 -> 499 -> 999 written out against ddim_invert."""
+    model = tiny_unet()
+    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    assert diffusion.timestep_sequence(3, 999) == [999, 500, 0]
+    x = x0.double()
+    for t_val, t_next in ((0, 500), (500, 999)):
+        with torch.no_grad():
+            e = model(x.float(), torch.full((2,), t_val)).double()
+        a_t, a_n = abar64(diffusion, t_val), abar64(diffusion, t_next)
+        x0_hat = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()                                        # DDPM Eq. 15
+        x = a_n.sqrt() * x0_hat + (1 - a_n).sqrt() * e
+    assert torch.allclose(diffusion.ddim_invert(model, x0, 999, 3).double(), x, atol=1e-4)
+
+
+def test_guidance_shifts_eps_by_eq14(diffusion):
+    """Dhariwal & Nichol 2021, Sec. 4.2: eps_hat = eps_theta(x_t, t) - sqrt(1 - abar_t) * s * grad, with cond_fn
+    (which returns s * grad) called on x_t and the current step t, never t_prev, by both samplers."""
+    model = tiny_unet()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(10))
+    shift = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+    seen = []
+
+    def cond_fn(x_t, t):
+        seen.append((x_t, t.clone()))
+        return shift
+    for t_val in (10, 600):
+        t = torch.full((2,), t_val)
+        eps, _ = diffusion.guided_eps_x0(model, x, t, clip=False)
+        eps_g, x0_g = diffusion.guided_eps_x0(model, x, t, cond_fn, clip=False)
+        assert torch.allclose(eps_g.double(), eps.double() - (1 - abar64(diffusion, t_val)).sqrt() * shift.double(),
+                              atol=1e-6)
+        assert torch.allclose(x0_g, diffusion.predict_x0(x, t, eps_g), atol=1e-6)
+        assert seen[-1][0] is x and torch.equal(seen[-1][1], t)
+    seen.clear()
+    for sampler in ("ddpm", "ddim"):
+        diffusion.sample(model, x.shape, sampler=sampler, steps=4, x_t=x, cond_fn=cond_fn, progress=False)
+    assert [int(t[0]) for _, t in seen] == 2 * diffusion.timestep_sequence(4)
 
 
 def test_timestep_sequence(diffusion):
@@ -163,6 +234,25 @@ def test_timestep_sequence(diffusion):
     part = diffusion.timestep_sequence(50, 499)                  # counterfactual from t0 = 499
     assert part[0] == 499 and part[-1] == 0 and len(part) == 25
     assert diffusion.timestep_sequence(50, -1) == []             # strength 0: nothing to do
+    # one step starts where it is asked to, x_{t_start} -> x0_hat, never at 0 (which would return the noise)
+    assert diffusion.timestep_sequence(1) == [T - 1]
+    assert diffusion.timestep_sequence(100, 9) == [9] and diffusion.timestep_sequence(20, 49) == [49]
+    assert diffusion.timestep_sequence(20, 50) == [50, 0]
+
+
+def test_one_step_sampling_denoises(diffusion):
+    # a single DDIM step from x_{T-1} (or from a low t_start) is x0_hat: with a network that knows x_0, x_0 itself
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8
+    model = TrueNoise(diffusion, x0)
+    for t_start, steps in ((T - 1, 1), (9, 100), (49, 20)):
+        xt = diffusion.q_sample(x0, torch.full((2,), t_start), torch.randn(x0.shape, generator=g))
+        out = diffusion.sample(model, x0.shape, steps=steps, x_t=xt, t_start=t_start, progress=False)
+        assert torch.allclose(out, x0, atol=1e-4), t_start
+    # and one inversion step goes 0 -> t_start (x_0 taken as x at t = 0), not nowhere
+    e = model(x0, torch.zeros(2, dtype=torch.long))
+    expected = abar64(diffusion, 49).sqrt() * x0.double() + (1 - abar64(diffusion, 49)).sqrt() * e.double()
+    assert torch.allclose(diffusion.ddim_invert(model, x0, 49, 20).double(), expected, atol=1e-5)
 
 
 def test_sample_from_start_step_returns_input_at_zero_steps(diffusion):
@@ -200,6 +290,22 @@ def test_training_loss_is_eps_mse(diffusion):
     assert torch.allclose(loss, manual)
     # a fresh UNet outputs zeros (zero-initialised last conv), so the loss is E[eps^2] = 1
     assert abs(loss.item() - (noise ** 2).mean().item()) < 1e-6
+    # the network sees x_t = q_sample(x_0, t, eps) and t itself (DDPM Alg. 1, line 5); t defaults to U{0..T-1}
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x_t, t_):
+            seen.append((x_t, t_))
+            return torch.zeros_like(x_t)
+    diffusion.training_loss(Probe(), x0, t, noise)
+    abar = diffusion.alphas_cumprod[t].double()[:, None, None, None]
+    assert torch.allclose(seen[0][0].double(), abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double(),
+                          atol=1e-6) and torch.equal(seen[0][1], t)
+    torch.manual_seed(0)
+    for _ in range(50):
+        diffusion.training_loss(Probe(), x0)
+    drawn = torch.cat([t_ for _, t_ in seen[1:]])
+    assert 0 <= drawn.min() and drawn.max() <= T - 1 and drawn.float().std() > T / 4
 
 
 def test_unet_shapes_and_config_check():

@@ -10,7 +10,7 @@ import torch
 
 import common
 from common import UserError, atomic_torch_save, load_checkpoint
-from fakes import ROOT, TINY, assert_user_error, run, snapshot
+from fakes import ROOT, TINY, assert_ok, assert_user_error, run, snapshot
 
 # diffusion only, so each run is a few seconds; 2 epochs x 6 steps, last.pth every 2 steps
 QUICK = ["--dataset", "toyfaces", *TINY, "--classifier_epochs", 0, "--oracle_epochs", 0, "--diffusion_epochs", 2,
@@ -94,11 +94,21 @@ def test_refuses_to_overwrite_an_earlier_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "diffusion_final.pth").write_bytes(b"precious")
+    (out / "last.pth").write_bytes(b"the earlier run's state")
+    (out / "train_log.jsonl").write_text('{"stage": "earlier"}\n')
     proc = run("train.py", *QUICK, "--output_dir", out)
     assert_user_error(proc, "already holds diffusion_final.pth", "--resume auto", "--overwrite")
+    proc = run("train.py", *QUICK, "--output_dir", out, "--overwrite", "--dataset", "celeba", "--data_root",
+               tmp_path / "nowhere")                                      # bad input: --overwrite removes nothing
+    assert proc.returncode == 2 and "CelebA not found" in proc.stderr
     assert (out / "diffusion_final.pth").read_bytes() == b"precious"
-    assert run("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
-               "--overwrite").returncode == 0
+    assert (out / "last.pth").read_bytes() == b"the earlier run's state"
+    proc = run("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
+               "--overwrite")
+    assert_ok(proc)
+    assert "removed the earlier run's last.pth and train_log.jsonl" in proc.stdout
+    assert "earlier" not in (out / "train_log.jsonl").read_text()          # a fresh log, not the old one continued
+    assert (out / "diffusion_final.pth").read_bytes() != b"precious"
 
 
 def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path):

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from fakes import SEED_OUTPUTS, TINY, assert_ok, assert_user_error, run, run_here, snapshot
+from generate import load_diffusion
+from train import update_ema
 
 # ---------------------------------------------------------------------------------------------- train.py
 
@@ -35,6 +37,26 @@ def test_train_writes_the_seed_outputs_and_self_describing_checkpoints(toy_run):
     final = [r for r in log if r.get("final")]
     assert {"test_acc_t0", "test_acc_t50"} <= set(final[0]) and "test_acc" in final[1]
     assert "classifier test accuracy" in proc.stdout and "diffusion_final.pth" in proc.stdout
+    # the EMA moved away from the zero-initialised output layer, lags the trained weights, and is what generate uses
+    assert d["ema"]["conv_out.weight"].abs().sum() > 0
+    assert not torch.equal(d["ema"]["conv_out.weight"], d["model"]["conv_out.weight"])
+    net = load_diffusion(str(out / "diffusion_final.pth"), torch.device("cpu"))[0]
+    assert all(torch.equal(v, d["ema"][k]) for k, v in net.state_dict().items())
+
+
+def test_ema_update_is_the_warmed_up_lerp():
+    """ema <- d ema + (1 - d) theta with d = min(decay, (1 + step) / (10 + step)); buffers are copied."""
+    torch.manual_seed(0)
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.normal_()
+        model.running_mean.normal_()
+    for step, decay in ((0, 0.9995), (10 ** 6, 0.9995), (10 ** 6, 0.9)):
+        before = ema.weight.detach().clone()
+        update_ema(ema, model, decay, step)
+        d = min(decay, (1 + step) / (10 + step))                       # 0.1 at step 0
+        assert torch.allclose(ema.weight, d * before + (1 - d) * model.weight, atol=1e-7), step
+        assert torch.equal(ema.running_mean, model.running_mean)
 
 
 def test_train_on_fake_celeba(celeba_run):
@@ -124,6 +146,8 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     (["--weight_decay", "inf"], ["--weight_decay must be >= 0, got inf"]),
     (["--attn_resolutions", "-8"], ["--attn_resolutions -8 is not a feature-map side", "16, 8"]),
     (["--attn_resolutions", "8,12"], ["--attn_resolutions 12"]),
+    (["--seed", "4294967296"], ["--seed must be an integer in [0, 2147483647]"]),
+    (["--seed", "-1"], ["--seed must be an integer in [0, 2147483647]"]),
 ])
 def test_train_bad_input(tmp_path, extra, fragments, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
@@ -201,6 +225,7 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--input", "faces", "--output", "faces.png"], ["would write over or into", "'faces'"]),   # its sample folder
     (["--classifier_model", "celeba_classifier.pth"], ["trained on celeba", "toyfaces", "same dataset"]),
     (["--device", "foo"], ["--device 'foo' is not a device name"]),
+    (["--seed", str(10 ** 15)], ["--seed must be an integer in [0, 2147483647]"]),
     (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
       "celeba_classifier.pth", "--oracle_model", "celeba_oracle.pth", "--data_root", "nowhere"], ["CelebA not found"]),
 ])
