@@ -247,6 +247,11 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
 
+    @staticmethod
+    def summary(doc: str) -> str:
+        """A script's --help description: the first paragraph of its docstring, on one line."""
+        return " ".join(doc.split("\n\n")[0].split())
+
     def given(self, argv: list | None = None) -> set:
         """The dests of the flags written on the command line. argparse fills a default only into a dest the
         namespace lacks, so a namespace pre-filled with a marker keeps it wherever no flag was given."""

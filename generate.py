@@ -10,7 +10,7 @@ Evaluation run on N test images whose label is not the target, at several scales
     python generate.py --from_dataset 64 --target_label 1 --guidance_scale 2 4 8 --retry_scales
 Change only the region guidance needs (ACE-style mask; the rest of the face stays the input's pixels):
     python generate.py --input face.jpg --target_label 1 --strength 0.5 --localize
-All models come from the checkpoint files (see train.py); e.g. --diffusion_model runs/toy/diffusion_final.pth.
+All models come from the checkpoint files (see train.py); e.g. --diffusion_model runs/toyfaces/diffusion_final.pth.
 
 Writes --output (grid PNG), a folder named after its stem with one PNG per sample, and <stem>.json
 with the arguments, per-sample probabilities and the summary.
@@ -68,7 +68,8 @@ def get_parser() -> ArgumentParser:
                    help="make counterfactuals of N test images whose true label is not the target")
     p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
     p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
-                   help="counterfactual noise level t0 = strength * T: 0 returns the input, 1 is free generation")
+                   help="counterfactual noise level: start step t0 = round(strength * T) - 1; 0 returns the input, 1 is "
+                        "free generation")
     p.add_argument("--invert", action="store_true",
                    help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of q_sample's fresh "
                         "noise (needs --sampler ddim; keeps the person better, steers less per unit of scale)")
@@ -391,7 +392,8 @@ def dataset_inputs(d_ckpt: dict, attribute: str, attribute_index: int, n: int, t
 
 
 def main() -> int:
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
     cf_mode = args.input is not None or args.from_dataset is not None
     # check every argument before loading or writing anything
     check_positive("--num_samples", args.num_samples)
@@ -425,6 +427,17 @@ def main() -> int:
         raise UserError("--preserve works on --input/--from_dataset counterfactuals; add one of those or drop it")
     if args.no_guidance and cf_mode:
         raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
+    given = parser.given()                  # a flag written out that would do nothing here is a mistake to report
+    unused = ([f for f in ("strength", "retry_scales") if f in given and not cf_mode]
+              + (["num_samples"] if "num_samples" in given and cf_mode else [])
+              + (["mask_threshold"] if "mask_threshold" in given and not args.localize else [])
+              + (["eta"] if "eta" in given and args.sampler != "ddim" else []))
+    if unused:
+        why = {"strength": "works on --input/--from_dataset counterfactuals",
+               "retry_scales": "works on --input/--from_dataset counterfactuals",
+               "num_samples": "sets the number of samples from noise; counterfactuals make one per input image",
+               "mask_threshold": "works on --localize counterfactuals", "eta": "is DDIM's noise (--sampler ddim)"}
+        raise UserError(f"--{unused[0]} {why[unused[0]]}, so it would do nothing in this run; drop it")
     stem, ext = os.path.splitext(args.output)
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")

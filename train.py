@@ -8,7 +8,8 @@ CelebA (GPU; data under ./data in the official or the Kaggle layout, see README)
     python train.py --attribute Smiling --classifier_epochs 10 --diffusion_epochs 50
 Several GPUs, one node / several nodes:
     torchrun --nproc_per_node=4 train.py --attribute Smiling
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29400 train.py ...
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29400 \
+        train.py --attribute Smiling --output_dir runs/celeba     # on the second node: --node_rank=1
 Continue a run that was stopped (Ctrl-C, kill, crash):
     python train.py --resume auto --output_dir runs/toyfaces
 
@@ -75,7 +76,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--subset_fraction", type=float, default=0.5, help="fraction of each split used (seed's 50%%)")
     p.add_argument("--cache_dir", default=None, help="folder for the decoded-image cache (default: <output_dir>/cache)")
-    p.add_argument("--download", action="store_true", help="try torchvision's CelebA downloader first")
+    p.add_argument("--download", action="store_true",
+                   help="download CelebA with torchvision when it is not found under --data_root")
     p.add_argument("--num_workers", type=int, default=0, help="processes for decoding images into the cache")
     # schedule and models
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T of the linear beta schedule")

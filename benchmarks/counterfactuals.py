@@ -30,7 +30,7 @@ from generate import (DEFAULT_PRESERVE, counterfactual_metrics, dataset_inputs, 
 
 
 def main():
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--run_dir", required=True, help="folder with diffusion_final.pth, classifier_best.pth, oracle_best.pth")
     p.add_argument("--n", type=int, default=64, help="test images per direction")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="t0 / T values")

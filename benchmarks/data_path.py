@@ -48,7 +48,7 @@ MIN_CACHE_SECONDS = 0.2   # the cache is timed over whole passes until this much
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--n_images", type=int, default=2000, help="generated CelebA images (60%% form the train split)")
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--batch_size", type=int, default=32, help="images per batch / training step")

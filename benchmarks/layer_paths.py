@@ -29,7 +29,7 @@ from diffusion_model import AttnBlock, Upsample, dropout  # noqa: E402
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--batch_size", type=int, default=4, help="feature maps per call")
     p.add_argument("--iters", type=int, default=5, help="calls per path per repeat")

@@ -75,7 +75,7 @@ def step_ratio(net, diffusion, clf, device, amp, batch: int, repeats: int, scale
 
 
 def main():
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--run_dir", required=True, help="folder with diffusion_final.pth, classifier_best.pth, oracle_best.pth")
     p.add_argument("--configs", nargs="+", default=["ddpm:1000", "ddim:50", "ddim:100"],
                    help="sampler:steps[:eta] list; eta (DDIM only, default 0) in [0, 1]")

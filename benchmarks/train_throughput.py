@@ -80,7 +80,7 @@ INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--batch_size", type=int, default=32, help="images per training step")
     add_unet_args(p)

@@ -226,6 +226,11 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--classifier_model", "celeba_classifier.pth"], ["trained on celeba", "toyfaces", "same dataset"]),
     (["--device", "foo"], ["--device 'foo' is not a device name"]),
     (["--seed", str(10 ** 15)], ["--seed must be an integer in [0, 2147483647]"]),
+    (["--strength", "0.3"], ["--strength works on --input/--from_dataset", "drop it"]),
+    (["--retry_scales"], ["--retry_scales works on --input/--from_dataset"]),
+    (["--num_samples", "4", "--from_dataset", "4"], ["--num_samples sets the number of samples from noise"]),
+    (["--mask_threshold", "0.1", "--from_dataset", "4"], ["--mask_threshold works on --localize"]),
+    (["--eta", "0.5", "--sampler", "ddpm"], ["--eta is DDIM's noise"]),
     (["--from_dataset", "4", "--diffusion_model", "celeba_diffusion.pth", "--classifier_model",
       "celeba_classifier.pth", "--oracle_model", "celeba_oracle.pth", "--data_root", "nowhere"], ["CelebA not found"]),
 ])
