@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,6 +121,10 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     assert a.read_bytes() == b.read_bytes()                             # same seed, same pictures
     report = json.loads((tmp_path / "a.json").read_text())
     assert set(report["summary"]) == {"scale_0", "scale_5"} and report["sampler"] == "ddpm"
+    # the same noise at both scales (the seed's), so what differs between them is guidance's doing
+    for i in range(3):
+        s0, s5 = (np.asarray(Image.open(tmp_path / "a" / f"s{s}_sample_{i:04d}.png")).astype(int) for s in (0, 5))
+        assert 0 < np.abs(s5 - s0).mean() < 64, i
 
 
 # ---------------------------------------------------------------------------------------------- bad input
