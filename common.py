@@ -68,7 +68,7 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
 
 
-MAX_SEED = 2 ** 31 - 1     # train.py offsets its seed per stage and generate.py per batch: both stay in range
+MAX_SEED = 2 ** 32 - 104730   # NumPy seeds are < 2^32 and train.py's largest per-stage offset is 104729
 
 
 def check_seed(value: int, flag: str = "--seed") -> None:

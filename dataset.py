@@ -517,7 +517,8 @@ def _file_sha1(path: str) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError as e:
-        raise DataError(f"cannot read '{path}' ({e.strerror}); check its permissions, or download it again") from None
+        raise DataError(f"cannot read '{path}' ({e.strerror}); check its permissions, or download it "
+                        f"again") from None
     return h.hexdigest()
 
 
@@ -584,11 +585,9 @@ def load_split(dataset: str, split: str, image_size: int, data_root: str = "./da
            "subset_fraction": subset_fraction, "seed": seed, "version": CACHE_VERSION}
     if dataset == "celeba":
         files = _find_celeba(data_root, download)
-        # a changed label or split assignment (the annotation files' bytes, ~0.1 s to hash for CelebA), or images
-        # added or removed (the folder's mtime), gives a new key; an image rewritten in place under its old name
-        # does not: pass another --cache_dir (or delete the cache) after editing images
-        key.update(root=os.path.abspath(data_root), attr_sha1=_file_sha1(files["attr"]),
-                   partition_sha1=_file_sha1(files["partition"]), images_mtime_ns=os.stat(files["images"]).st_mtime_ns)
+        if cache_dir is not None:   # a changed label or split (the annotation files' bytes, ~0.1 s to hash for CelebA)
+            key.update(root=os.path.abspath(data_root), attr_sha1=_file_sha1(files["attr"]),   # is a new key; an
+                       partition_sha1=_file_sha1(files["partition"]))     # image edited in place is not (README)
     else:
         key.update(sizes=TOYFACES_SPLIT_SIZES)
 

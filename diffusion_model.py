@@ -523,7 +523,8 @@ class GaussianDiffusion:
 
     def timestep_sequence(self, steps: Optional[int] = None, t_start: Optional[int] = None) -> list:
         """Descending timesteps from t_start (default T-1) to 0, ``steps`` of them evenly spaced over the
-        full schedule (so a partial run from t_start < T-1 takes a proportional share of them)."""
+        full schedule (so a partial run from t_start < T-1 takes a proportional share of them); a share of one
+        step is [t_start] alone, x_{t_start} -> x0_hat."""
         T = self.num_timesteps
         t_start = T - 1 if t_start is None else int(t_start)
         if t_start < 0:

@@ -68,8 +68,8 @@ def get_parser() -> ArgumentParser:
                    help="make counterfactuals of N test images whose true label is not the target")
     p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
     p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
-                   help="counterfactual noise level: start step t0 = round(strength * T) - 1; 0 returns the input, 1 is "
-                        "free generation")
+                   help="counterfactual noise level: start step t0 = round(strength * T) - 1; 0 returns the input, "
+                        "1 is free generation")
     p.add_argument("--invert", action="store_true",
                    help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of q_sample's fresh "
                         "noise (needs --sampler ddim; keeps the person better, steers less per unit of scale)")
@@ -495,7 +495,7 @@ def main() -> int:
 
     scales = [0.0] if args.no_guidance else list(args.guidance_scale)
     amp = autocast(device, args.precision)
-    t_start = round(args.strength * T) - 1 if cf_mode else None        # t0 = strength * T (t = -1: the input)
+    t_start = round(args.strength * T) - 1 if cf_mode else None        # 0-based t0: 499 for 0.5 at T = 1000
     what = "counterfactuals" if cf_mode else "samples"
     print(f"{what}: {args.sampler.upper()}-{steps} on {device}, attribute {attribute} -> {args.target_label}, "
           f"scales {scales if not args.no_guidance else 'none (unguided)'}"

@@ -544,15 +544,15 @@ def main() -> int:
         return s
 
     train_set, valid_set, test_set = split("train"), split("valid"), split("test")
+    names = attribute_names(args.dataset)
+    attr_idx = attribute_index(args.dataset, args.attribute)
     if args.overwrite and resume_state is None and run.main:   # the input is good: now the earlier run's state goes
         stale = [f for f in ("last.pth", "train_log.jsonl") if os.path.exists(os.path.join(args.output_dir, f))]
         for f in stale:                 # so a crash before this run's first save cannot resume that run instead
             os.remove(os.path.join(args.output_dir, f))
         if stale:
-            print(f"--overwrite: removed the earlier run's {' and '.join(stale)}; its other files are replaced as "
-                  f"this run writes its own")
-    names = attribute_names(args.dataset)
-    attr_idx = attribute_index(args.dataset, args.attribute)
+            print(f"--overwrite: removed the earlier run's {' and '.join(stale)}; its checkpoints are replaced as "
+                  f"this run's stages write theirs (a stage given 0 epochs keeps the earlier one)")
     diffusion_cfg = DiffusionConfig(timesteps=args.timesteps)
     diffusion = GaussianDiffusion(diffusion_cfg)
     if run.main:

@@ -2,7 +2,7 @@
 
     python benchmarks/counterfactuals.py --run_dir runs/toyfaces --device cpu
     python benchmarks/counterfactuals.py --run_dir runs/toyfaces --device cpu --localize
-    python benchmarks/counterfactuals.py --run_dir runs/celeba --n 1000 --strengths 0.3 0.5 0.7 --scales 2 4 8
+    python benchmarks/counterfactuals.py --run_dir runs/celeba_all --n 1000 --strengths 0.3 0.5 0.7 --scales 2 4 8
 
 For each direction (toward 1 on test images without the attribute, toward 0 on images with it), each
 --strengths value and each --scales value, it makes counterfactuals of the same --n test images and
@@ -33,7 +33,7 @@ def main():
     p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--run_dir", required=True, help="folder with diffusion_final.pth, classifier_best.pth, oracle_best.pth")
     p.add_argument("--n", type=int, default=64, help="test images per direction")
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="t0 / T values")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="strengths: start step t0 = round(strength * T) - 1")
     p.add_argument("--scales", type=float, nargs="+", default=[10.0, 30.0, 100.0], help="guidance scales")
     p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="sampler")
     p.add_argument("--steps", type=int, default=100, help="steps over the full schedule")

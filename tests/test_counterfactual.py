@@ -10,7 +10,7 @@ from PIL import Image
 
 from classifier import Oracle
 from common import autocast, load_checkpoint
-from dataset import attribute_names, load_split
+from dataset import attribute_names, load_split, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion
 from generate import DEFAULT_PRESERVE, counterfactual_metrics, edit_mask, encode, load_oracle
 from fakes import TINY, assert_ok, assert_user_error, run
@@ -191,7 +191,7 @@ def test_oracle_checkpoint_round_trip(toy_run):
     cpu = torch.device("cpu")
     run_like = SimpleNamespace(device=cpu, autocast=autocast(cpu, a["precision"]), from_main=lambda x: x)
     acc = oracle_accuracy(net, test, run_like)
-    assert net(test.images[:2].float()).shape == (2, 5)
+    assert net(to_float(test.images[:2])).shape == (2, 5)
     assert ckpt["test_acc"] == {n: round(v, 4) for n, v in zip(ckpt["attr_names"], acc.tolist())}
 
 

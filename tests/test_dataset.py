@@ -370,8 +370,8 @@ def test_a_split_too_big_for_memory_is_a_clear_error():
         ds.load_split("toyfaces", "train", 100000, "./data", 0.5, 0, None, False, 0, verbose=False)
 
 
-def test_cache_follows_the_annotation_files_and_the_image_folder(celeba, tmp_path):
-    # a changed label, a changed split assignment, or an image added: the next load decodes afresh and tells
+def test_cache_follows_the_annotation_files(celeba, tmp_path):
+    # a changed label or a changed split assignment: the next load decodes afresh
     root = tmp_path / "root"
     shutil.copytree(celeba[0], root)
     base, cache = root / "celeba", str(tmp_path / "cache")
@@ -391,9 +391,3 @@ def test_cache_follows_the_annotation_files_and_the_image_folder(celeba, tmp_pat
     part.write_text(part.read_text().replace(f"{name} 0", f"{name} 2"))     # move it to the test split
     assert name not in load(str(root), cache_dir=cache, subset_fraction=1.0).names
     assert name in load(str(root), split="test", cache_dir=cache, subset_fraction=1.0).names
-    n_cached = len([f for f in os.listdir(cache) if f.endswith(".npy")])
-    images = base / "img_align_celeba"
-    shutil.copy(images / name, images / "999999.jpg")                          # an image added
-    os.utime(images, ns=(0, os.stat(images).st_mtime_ns + 10 ** 9))           # (a coarse clock would miss it)
-    load(str(root), cache_dir=cache, subset_fraction=1.0)
-    assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == n_cached + 1

@@ -244,11 +244,13 @@ def test_one_step_sampling_denoises(diffusion):
     # a single DDIM step from x_{T-1} (or from a low t_start) is x0_hat: with a network that knows x_0, x_0 itself
     g = torch.Generator().manual_seed(12)
     x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8
-    model = TrueNoise(diffusion, x0)
+    model, seen = TrueNoise(diffusion, x0), []
+    model.register_forward_hook(lambda m, inputs, out: seen.append(int(inputs[1][0])))
     for t_start, steps in ((T - 1, 1), (9, 100), (49, 20)):
         xt = diffusion.q_sample(x0, torch.full((2,), t_start), torch.randn(x0.shape, generator=g))
+        seen.clear()
         out = diffusion.sample(model, x0.shape, steps=steps, x_t=xt, t_start=t_start, progress=False)
-        assert torch.allclose(out, x0, atol=1e-4), t_start
+        assert seen == [t_start] and torch.allclose(out, x0, atol=1e-4), (t_start, seen)
     # and one inversion step goes 0 -> t_start (x_0 taken as x at t = 0), not nowhere
     e = model(x0, torch.zeros(2, dtype=torch.long))
     expected = abar64(diffusion, 49).sqrt() * x0.double() + (1 - abar64(diffusion, 49)).sqrt() * e.double()

