@@ -232,8 +232,8 @@ class Upsample(nn.Module):
     with 256 channels at batch 4 (benchmarks/layer_paths.py, 2 CPU cores) it is 1.9-2.1x faster at 32 -> 64
     px, the default model's largest conv (165-174 -> 81-93 ms), 1.2-1.5x at 16 -> 32 px, and slower at
     8 -> 16 px (0.6-0.8x). The 16 px case stays on the direct form: it saves under 1% of a default-model
-    step (about 12 of 1,600 ms), and the
-    32x32 toyfaces models keep the exact arithmetic that the README's figures were measured with.
+    step (about 12 of 1,600 ms), and the 32x32 toyfaces models keep the exact arithmetic that the README's
+    figures were measured with.
     Accelerators keep the direct form until it is measured there (the same benchmark with --device
     cuda). Tests check that both forms agree.
     """

@@ -428,16 +428,14 @@ def main() -> int:
     if args.no_guidance and cf_mode:
         raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
     given = parser.given()                  # a flag written out that would do nothing here is a mistake to report
-    unused = ([f for f in ("strength", "retry_scales") if f in given and not cf_mode]
-              + (["num_samples"] if "num_samples" in given and cf_mode else [])
-              + (["mask_threshold"] if "mask_threshold" in given and not args.localize else [])
-              + (["eta"] if "eta" in given and args.sampler != "ddim" else []))
-    if unused:
-        why = {"strength": "works on --input/--from_dataset counterfactuals",
-               "retry_scales": "works on --input/--from_dataset counterfactuals",
-               "num_samples": "sets the number of samples from noise; counterfactuals make one per input image",
-               "mask_threshold": "works on --localize counterfactuals", "eta": "is DDIM's noise (--sampler ddim)"}
-        raise UserError(f"--{unused[0]} {why[unused[0]]}, so it would do nothing in this run; drop it")
+    idle = {"strength": (not cf_mode, "works on --input/--from_dataset counterfactuals"),   # flag: (idle?, why)
+            "retry_scales": (not cf_mode, "works on --input/--from_dataset counterfactuals"),
+            "num_samples": (cf_mode, "sets the number of samples from noise; counterfactuals make one per input image"),
+            "mask_threshold": (not args.localize, "works on --localize counterfactuals"),
+            "eta": (args.sampler != "ddim", "is DDIM's noise (--sampler ddim)")}
+    for flag, (does_nothing, why) in idle.items():
+        if does_nothing and flag in given:
+            raise UserError(f"--{flag} {why}, so it would do nothing in this run; drop it")
     stem, ext = os.path.splitext(args.output)
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
