@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 CHECKPOINT_FORMAT = "guidedemotion"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 CHECKPOINT_KINDS = ("diffusion", "classifier", "oracle", "train_state")
 
 
@@ -217,23 +217,28 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
     """The layout of the networks and their image batches on ``device``, one choice for training, sampling and
-    the benchmarks: channels_last on CUDA, where cuDNN's convolutions take it natively (GroupNorm copies it
-    to NCHW and back there; benchmarks/train_throughput.py --memory_format measures both layouts), and
-    PyTorch's default NCHW elsewhere (channels_last trained 0.91x as fast on the CPU)."""
+    the benchmarks: channels_last on CUDA, where cuDNN's convolutions take it natively, PyTorch's default NCHW
+    elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """bf16 autocast: 'auto' uses it on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where it
-    roughly halves the time of a training step; 'fp32' turns it off."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_HELP = ("autocast dtype: auto is bf16 on GPUs with native bf16 (Ampere and later) and on CPUs with native "
+                  "bf16, fp16 on older GPUs (T4, V100; training adds a gradient scaler), fp32 elsewhere")
+
+
+def amp_dtype(device: torch.device, precision: str = "auto"):
+    """The autocast dtype that --precision names on ``device``, or None for fp32."""
+    if precision == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if precision == "auto":
-        bf16 = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    else:
-        bf16 = precision == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-PRECISION_HELP = "bf16 autocast: auto (CUDA, and CPUs with native bf16), bf16, or fp32"
+def autocast(device: torch.device, dtype) -> torch.autocast:
+    """Autocast to ``dtype`` (from ``amp_dtype``) on ``device``; None runs in fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +246,11 @@ PRECISION_HELP = "bf16 autocast: auto (CUDA, and CPUs with native bf16), bf16, o
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``error: ...; see --help``), exit status 2."""
+    """argparse whose errors are one line (``error: ...; see --help``), exit status 2, and which takes no abbreviated
+    flags (``--n`` is not ``--num_samples``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)

@@ -1,31 +1,28 @@
 """Face data with binary attributes: CelebA, and "toyfaces", procedural cartoon faces for the demo.
 
-Both datasets arrive the same way. A split is decoded once into one uint8 tensor ``images`` of
-shape (N, 3, S, S) and ``attrs`` of shape (N, A) in {0, 1}; with ``cache_dir`` the decoded split is
-saved as a ``.npy`` that later runs memory-map. Networks see ``to_float(images)`` in [-1, 1].
+A split is decoded once into uint8 ``images`` (N, 3, S, S) and ``attrs`` (N, A) in {0, 1}; with ``cache_dir`` the
+decoded split is saved as a ``.npy`` that later runs memory-map. Networks see ``to_float(images)`` in [-1, 1].
 
-Preprocessing, the same for CelebA, toyfaces and any user image (``preprocess_pil``): crop the
-centre square of side min(w, h) -- for the aligned 178x218 CelebA images that is 178x178, dropping
-20 rows at the top and 20 at the bottom -- then resize to S x S with PIL's LANCZOS filter
-(antialiased), RGB. Transparent images are composited on white.
+Preprocessing (``preprocess_pil``), the same for CelebA, toyfaces and any user image: the centre square of side
+min(w, h) -- 178x178 for the aligned 178x218 CelebA images, dropping 20 rows at the top and 20 at the bottom --
+resized to S x S with PIL's LANCZOS filter (antialiased), RGB; transparent images are composited on white.
 
-CelebA (Liu et al. 2015, https://arxiv.org/abs/1411.7766): 202,599 aligned faces, 40 attributes,
-official split 162,770 / 19,867 / 19,962. Two folder layouts are read (labels -1/1 become 0/1):
-  official / torchvision: <root>/celeba/{img_align_celeba/, list_attr_celeba.txt,
-                          list_eval_partition.txt}, or the same three directly in <root>
-  Kaggle:                 <root>/{img_align_celeba/img_align_celeba/, list_attr_celeba.csv,
-                          list_eval_partition.csv}
+CelebA (Liu et al. 2015, https://arxiv.org/abs/1411.7766): 202,599 aligned faces, 40 attributes (-1/1 in the files,
+0/1 here), official split 162,770 / 19,867 / 19,962. Two folder layouts are read:
+  official / torchvision: <root>/celeba/{img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt},
+                          or the same three directly in <root>
+  Kaggle:                 <root>/{img_align_celeba/img_align_celeba/, list_attr_celeba.csv, list_eval_partition.csv}
 
-toyfaces: cartoon faces drawn with PIL, no download. Five CelebA attributes, each an independent
-coin flip with one clear, local visual effect (see ``draw_toyface``). Image i of a split is drawn
-from ``np.random.default_rng([seed, split_code, i])``, so it does not depend on how many images are
-made or by how many workers.
+toyfaces: cartoon faces drawn with PIL, no download. Five CelebA attributes, each an independent coin flip with one
+clear, local visual effect (see ``draw_toyface``). Image i of a split is drawn from ``np.random.default_rng((seed,
+split_code, i))``, so it does not depend on how many images are made or by how many workers.
 
-Every split is then subset: ``round(n * subset_fraction)`` items chosen by ``seed`` (independently
-per split), kept in file order.
+Every split is then subset: ``max(1, round(n * subset_fraction))`` items chosen by ``seed`` (independently per
+split), kept in file order.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -44,11 +41,11 @@ from tqdm import tqdm
 from common import UserError, atomic_save_npy, atomic_write_json, ensure_writable_dir
 
 CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
-    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
-    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
-    "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
-    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "
+    "Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones Male "
+    "Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks "
+    "Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
+    "Wearing_Necktie Young"
 ).split()
 assert len(CELEBA_ATTRIBUTES) == 40
 TOYFACES_ATTRIBUTES = ["Smiling", "Eyeglasses", "Bangs", "Mouth_Slightly_Open", "Goatee"]
@@ -59,9 +56,9 @@ SPLITS = ("train", "valid", "test")  # split codes 0, 1, 2, as in list_eval_part
 MAX_UNREADABLE = 0.01  # more unreadable images than this fraction of a split is an error
 CACHE_VERSION = 2  # bump when decoding or the toyface drawing changes, so old caches are not reused
 
-CELEBA_LAYOUTS = ("expected <root>/celeba/{img_align_celeba/,list_attr_celeba.txt,"
-                  "list_eval_partition.txt} (official/torchvision) or <root>/{img_align_celeba/"
-                  "img_align_celeba/,list_attr_celeba.csv,list_eval_partition.csv} (Kaggle)")
+CELEBA_LAYOUTS = ("expected <root>/celeba/{img_align_celeba/,list_attr_celeba.txt,list_eval_partition.txt} "
+                  "(official/torchvision) or <root>/{img_align_celeba/img_align_celeba/,list_attr_celeba.csv,"
+                  "list_eval_partition.csv} (Kaggle)")
 
 
 class DataError(UserError):
@@ -84,11 +81,9 @@ def attribute_index(dataset: str, attribute: str) -> int:
     raise DataError(f"unknown attribute '{attribute}' for {dataset}{hint} (valid: {', '.join(names)})")
 
 
-# ----------------------------------------------------------------------------------------------
-# A decoded split
-
 @dataclass(eq=False, repr=False)
 class ImageSplit(torch.utils.data.Dataset):
+    """A decoded split; items are (float32 (3, S, S) in [-1, 1], uint8 (A,))."""
     images: torch.Tensor  # uint8 (N, 3, S, S), contiguous, possibly memory-mapped from the cache
     attrs: torch.Tensor  # uint8 (N, A) in {0, 1}
     attr_names: list[str]
@@ -97,21 +92,11 @@ class ImageSplit(torch.utils.data.Dataset):
     n_original: int  # size of the whole split before subsetting
     n_skipped: int  # unreadable images dropped
 
-    def __post_init__(self):
-        n = self.images.shape[0]
-        assert self.images.dtype == torch.uint8 and self.images.dim() == 4, self.images.shape
-        assert self.attrs.shape == (n, len(self.attr_names)) and len(self.names) == n
-
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float32 (3, S, S) in [-1, 1], uint8 (A,))"""
         return to_float(self.images[i]), self.attrs[i]
-
-    def __repr__(self) -> str:
-        return (f"ImageSplit({self.split}, {len(self)} images {tuple(self.images.shape[1:])}, "
-                f"{len(self.attr_names)} attributes, of {self.n_original}, {self.n_skipped} skipped)")
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -129,14 +114,8 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.where(flip, x.flip(-1), x)
 
 
-# ----------------------------------------------------------------------------------------------
-# Images
-
 def preprocess_pil(img: Image.Image, image_size: int) -> np.ndarray:
-    """The one crop + resize used everywhere: any PIL image -> uint8 (S, S, 3).
-
-    Centre square of side min(w, h), LANCZOS-resized to S x S, RGB (alpha composited on white).
-    """
+    """The one crop + resize used everywhere (see the module docstring): any PIL image -> uint8 (S, S, 3)."""
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -144,17 +123,13 @@ def preprocess_pil(img: Image.Image, image_size: int) -> np.ndarray:
     w, h = img.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
-    img = img.resize((image_size, image_size), Image.Resampling.LANCZOS,
-                     box=(left, top, left + s, top + s))
+    img = img.resize((image_size, image_size), Image.Resampling.LANCZOS, box=(left, top, left + s, top + s))
     return np.array(img, dtype=np.uint8)  # a writable copy
 
 
 def _decode_file(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    """(path, S) -> (uint8 (3, S, S), None), or (None, one-line reason) if it cannot be read.
-
-    Truncated JPEGs raise in ``load()`` (we leave ``LOAD_TRUNCATED_IMAGES`` off) and any warning
-    while decoding, e.g. corrupt data, is treated as an error too.
-    """
+    """(path, S) -> (uint8 (3, S, S), None), or (None, one-line reason). Truncated JPEGs raise in ``load()`` (we
+    leave ``LOAD_TRUNCATED_IMAGES`` off) and any warning while decoding, e.g. corrupt data, is an error too."""
     path, image_size = job
     try:
         with warnings.catch_warnings():
@@ -180,18 +155,11 @@ def load_image_file(path: str, image_size: int) -> torch.Tensor:
 
 
 def _map(fn, jobs: list, num_workers: int, desc: str, verbose: bool):
-    """Yield ``fn(job)`` for each job in order, in a process pool if ``num_workers > 0``."""
-    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not verbose, leave=False) as bar:
-        if num_workers == 0:
-            for job in jobs:
-                yield fn(job)
-                bar.update()
-            return
-        chunksize = max(1, min(256, len(jobs) // (8 * num_workers)))
-        with Pool(num_workers) as pool:
-            for result in pool.imap(fn, jobs, chunksize=chunksize):
-                yield result
-                bar.update()
+    """Yield ``fn(job)`` for each job in order, in a pool of ``num_workers`` processes if > 0."""
+    with (Pool(num_workers) if num_workers else contextlib.nullcontext()) as pool:
+        chunksize = max(1, min(256, len(jobs) // (8 * max(1, num_workers))))
+        results = pool.imap(fn, jobs, chunksize=chunksize) if pool else map(fn, jobs)
+        yield from tqdm(results, total=len(jobs), desc=desc, unit="img", disable=not verbose, leave=False)
 
 
 def _image_array(n: int, image_size: int) -> np.ndarray:
@@ -210,16 +178,21 @@ def _subset(n: int, fraction: float, seed: int, split: str) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False))
 
 
+def _report(dataset, split, n, k, fraction, verbose):
+    if verbose:
+        print(f"{dataset} {split}: {n:,} images in split, using {k:,} ({100 * fraction:g}%)")
+
+
 # ----------------------------------------------------------------------------------------------
 # toyfaces
 
 def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one cartoon face: -> (uint8 (S, S, 3) image, uint8 (5,) attributes).
 
-    ``key`` seeds ``np.random.default_rng``, e.g. ``(seed, split_code, i)``. The attributes are
-    drawn first, then every nuisance number, always the same count, so ``attrs_override``
-    (e.g. ``{"Smiling": 1}``) redraws the same face with only that attribute changed. Drawn on a
-    canvas of max(4S, 64) pixels, then downsampled with LANCZOS by ``preprocess_pil``.
+    ``key`` seeds ``np.random.default_rng``, e.g. ``(seed, split_code, i)``. The attributes are drawn first, then
+    every nuisance number, always the same count, so ``attrs_override`` (e.g. ``{"Smiling": 1}``) redraws the same
+    face with only that attribute changed. Drawn on a canvas of max(4S, 64) pixels, then downsampled with LANCZOS
+    by ``preprocess_pil``.
       Smiling              wide U-shaped mouth, corners up (else a short, flat, slightly sad line)
       Mouth_Slightly_Open  a dark opening in the mouth (with Smiling: an open half-moon grin)
       Eyeglasses           two dark rings round the eyes and a bridge
@@ -247,10 +220,8 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
     lw = max(1, round(max(0.045 * h * D, 0.8 * D / size)))  # line width in canvas pixels, >= ~1 px out
 
     # colours: skin between light and dark, hair from a palette, background far from the skin
-    skin = np.array([245, 214, 184]) * (1 - u[8]) + np.array([110, 72, 50]) * u[8]
-    skin = skin + 20 * (u[9:12] - 0.5)
-    palette = np.array([[30, 24, 22], [75, 48, 30], [125, 80, 45], [160, 70, 35], [225, 190, 110],
-                        [150, 150, 155]])
+    skin = np.array([245, 214, 184]) * (1 - u[8]) + np.array([110, 72, 50]) * u[8] + 20 * (u[9:12] - 0.5)
+    palette = np.array([[30, 24, 22], [75, 48, 30], [125, 80, 45], [160, 70, 35], [225, 190, 110], [150, 150, 155]])
     hair = palette[int(u[12] * len(palette))] * (0.8 + 0.4 * u[13])
     if abs(hair.mean() - skin.mean()) < 60:  # keep the hair visible: darker, or lighter on dark skin
         hair = hair * 0.45 if skin.mean() > 100 else 255 - (255 - hair) * 0.45
@@ -271,7 +242,6 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
     bg, skin, ears, nose, hair, dark, lips, frame = (  # -> RGB tuples for PIL
         tuple(int(t) for t in np.clip(c, 0, 255))
         for c in (bg, skin, skin * 0.92, skin * 0.75, hair, dark, lips, frame))
-    mouth_hole, teeth = (45, 12, 18), (240, 240, 235)
 
     img = Image.new("RGB", (D, D), bg)
     draw = ImageDraw.Draw(img)
@@ -280,8 +250,7 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
                            radius=0.5 * w * D, fill=hair)
     for side in (-1, 1):
         ex = cx + side * 0.49 * w
-        draw.ellipse(px(ex - 0.07 * w, eye_y - 0.04 * h, ex + 0.07 * w, eye_y + 0.13 * h),
-                     fill=ears)
+        draw.ellipse(px(ex - 0.07 * w, eye_y - 0.04 * h, ex + 0.07 * w, eye_y + 0.13 * h), fill=ears)
     head = px(cx - w / 2, top, cx + w / 2, cy + h / 2)
     draw.ellipse(head, fill=skin)
     # hair on the head = the head minus the face: a bare forehead, or a fringe cut above the brows
@@ -302,42 +271,39 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
         draw.ellipse(px(ex - r, eye_y - r, ex + r, eye_y + r), fill=(25, 20, 20))
         draw.ellipse(px(ex + 0.1 * r, eye_y - 0.6 * r, ex + 0.5 * r, eye_y - 0.2 * r), fill=(255,) * 3)
         if a["Eyeglasses"]:
-            draw.ellipse(px(ex - g, eye_y - 0.85 * g, ex + g, eye_y + 0.85 * g), outline=frame,
-                         width=lw)
-            draw.line(px(ex + side * g, eye_y - 0.2 * g, cx + side * 0.5 * w, eye_y - 0.3 * g),
-                      fill=frame, width=lw)
+            draw.ellipse(px(ex - g, eye_y - 0.85 * g, ex + g, eye_y + 0.85 * g), outline=frame, width=lw)
+            draw.line(px(ex + side * g, eye_y - 0.2 * g, cx + side * 0.5 * w, eye_y - 0.3 * g), fill=frame, width=lw)
     if a["Eyeglasses"]:
         draw.line(px(cx - eye_dx + g, eye_y, cx + eye_dx - g, eye_y), fill=frame, width=lw)
     # nose hint
     ny = (eye_y + mouth_y) / 2 + 0.03 * h
-    draw.arc(px(cx - 0.05 * w, ny - 0.04 * h, cx + 0.05 * w, ny + 0.03 * h), 20, 160,
-             fill=nose, width=max(1, lw // 2))
-    # goatee, below the mouth
-    if a["Goatee"]:
-        draw.ellipse(px(cx - 0.15 * w, mouth_y + 0.11 * h, cx + 0.15 * w, cy + 0.49 * h),
-                     fill=dark)
-    # mouth
+    draw.arc(px(cx - 0.05 * w, ny - 0.04 * h, cx + 0.05 * w, ny + 0.03 * h), 20, 160, fill=nose, width=max(1, lw // 2))
+    if a["Goatee"]:  # below the mouth
+        draw.ellipse(px(cx - 0.15 * w, mouth_y + 0.11 * h, cx + 0.15 * w, cy + 0.49 * h), fill=dark)
+    _draw_mouth(draw, a, px, cx, mouth_y, mouth_w, h, lw, 0.02 * h * u[23], lips)
+    attrs = np.array([a[name] for name in TOYFACES_ATTRIBUTES], dtype=np.uint8)
+    return preprocess_pil(img, size), attrs
+
+
+def _draw_mouth(draw, a: dict, px, cx, mouth_y, mouth_w, h, lw, droop, lips) -> None:
+    """The toyface mouth: a wide smile or a short flat line, open (dark, with teeth) or closed."""
+    mouth_hole, teeth = (45, 12, 18), (240, 240, 235)
     if a["Smiling"]:
         box = px(cx - mouth_w, mouth_y - 0.16 * h, cx + mouth_w, mouth_y + 0.10 * h)
         if a["Mouth_Slightly_Open"]:  # an open grin: dark inside, a row of teeth on top
             draw.chord(box, 0, 180, fill=mouth_hole)
             teeth_y = mouth_y - 0.025 * h
-            draw.rectangle(px(cx - 0.8 * mouth_w, teeth_y, cx + 0.8 * mouth_w, teeth_y + 0.04 * h),
-                           fill=teeth)
+            draw.rectangle(px(cx - 0.8 * mouth_w, teeth_y, cx + 0.8 * mouth_w, teeth_y + 0.04 * h), fill=teeth)
         draw.arc(box, 0, 180, fill=lips, width=round(2.6 * lw))   # thick: visible through noise at 32 px
-    else:
+    elif a["Mouth_Slightly_Open"]:  # an "o" with the upper teeth showing
+        box = px(cx - 0.4 * mouth_w, mouth_y - 0.06 * h, cx + 0.4 * mouth_w, mouth_y + 0.09 * h)
+        draw.ellipse(box, fill=mouth_hole)
+        draw.chord(box, 205, 335, fill=teeth)
+        draw.ellipse(box, outline=lips, width=max(1, lw // 2))
+    else:  # a short line, its corners ``droop`` below its middle
         mw = 0.5 * mouth_w
-        droop = 0.02 * h * u[23]
-        if a["Mouth_Slightly_Open"]:  # an "o" with the upper teeth showing
-            box = px(cx - 0.8 * mw, mouth_y - 0.06 * h, cx + 0.8 * mw, mouth_y + 0.09 * h)
-            draw.ellipse(box, fill=mouth_hole)
-            draw.chord(box, 205, 335, fill=teeth)
-            draw.ellipse(box, outline=lips, width=max(1, lw // 2))
-        else:
-            draw.line(px(cx - mw, mouth_y + droop, cx, mouth_y, cx + mw, mouth_y + droop),
-                      fill=lips, width=lw, joint="curve")
-    attrs = np.array([a[name] for name in TOYFACES_ATTRIBUTES], dtype=np.uint8)
-    return preprocess_pil(img, size), attrs
+        draw.line(px(cx - mw, mouth_y + droop, cx, mouth_y, cx + mw, mouth_y + droop), fill=lips, width=lw,
+                  joint="curve")
 
 
 def _toyface_job(job: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -348,11 +314,10 @@ def _toyface_job(job: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray
 
 def toyface_counterfactuals(names: list, split: str, image_size: int, seed: int, attribute: str,
                             value: int) -> np.ndarray:
-    """The exact counterfactuals of toyfaces images: each face of ``names`` ("toyface_000123", as load_split
-    names them) redrawn with only ``attribute`` set to ``value``. -> uint8 (N, 3, S, S).
-
-    Real data has no such ground truth; here it measures how far a generated counterfactual is from the
-    true one, and how often the oracle itself reports other attributes changed on a perfect edit."""
+    """The exact counterfactuals of toyfaces images: each face of ``names`` ("toyface_000123", as load_split names
+    them) redrawn with only ``attribute`` set to ``value``. -> uint8 (N, 3, S, S). Real data has no such ground
+    truth; here it measures how far a generated counterfactual is from the true one, and how often the oracle
+    itself reports other attributes changed on a perfect edit."""
     out = np.empty((len(names), 3, image_size, image_size), dtype=np.uint8)
     for k, name in enumerate(names):
         i = int(name.rsplit("_", 1)[1].split(".")[0])
@@ -378,7 +343,7 @@ def _build_toyfaces(split, image_size, fraction, seed, num_workers, verbose):
 
 def _find_celeba(root: str, download: bool) -> dict:
     """Paths of the attribute file, partition file and image folder under ``root``, either layout."""
-    best = None
+    best = {}
     for base in (os.path.join(root, "celeba"), root):
         found = {}
         for key, options in (("attr", ["list_attr_celeba.txt", "list_attr_celeba.csv"]),
@@ -391,31 +356,26 @@ def _find_celeba(root: str, download: bool) -> dict:
                     break
         if len(found) == 3:
             return found
-        if best is None or len(found) > len(best):
-            best = found
+        best = max(best, found, key=len)  # the first of the fullest, for the error message
     if download:
-        _download_celeba(root)
+        try:
+            import torchvision.datasets
+            torchvision.datasets.CelebA(root, split="all", target_type="attr", download=True)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DataError(
+                f"downloading CelebA failed ({reason}); Google Drive often refuses (daily quota): get "
+                f"img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt by hand from "
+                f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or the Kaggle copy "
+                f"'jessicali9530/celeba-dataset'), unzip them into '{os.path.join(root, 'celeba')}' "
+                f"and run again without --download, or use --dataset toyfaces") from None
         return _find_celeba(root, download=False)
-    names = {"attr": "list_attr_celeba.txt", "partition": "list_eval_partition.txt",
-             "images": "img_align_celeba/"}
-    missing = ", ".join(n for k, n in names.items() if k not in best)
+    missing = ", ".join(name for key, name in (("attr", "list_attr_celeba.txt"),
+                                               ("partition", "list_eval_partition.txt"),
+                                               ("images", "img_align_celeba/")) if key not in best)
     where = "" if os.path.isdir(root) else " (the folder does not exist)"
     raise DataError(f"CelebA not found under '{root}'{where}: missing {missing}; {CELEBA_LAYOUTS}; "
                     f"or pass --download, or --dataset toyfaces")
-
-
-def _download_celeba(root: str) -> None:
-    try:
-        import torchvision.datasets
-        torchvision.datasets.CelebA(root, split="all", target_type="attr", download=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise DataError(
-            f"downloading CelebA failed ({reason}); Google Drive often refuses (daily quota): get "
-            f"img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt by hand from "
-            f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or the Kaggle copy "
-            f"'jessicali9530/celeba-dataset'), unzip them into '{os.path.join(root, 'celeba')}' "
-            f"and run again without --download, or use --dataset toyfaces") from None
 
 
 def _read_rows(path: str) -> tuple[list[str] | None, list[list[str]]]:
@@ -438,8 +398,9 @@ def _read_rows(path: str) -> tuple[list[str] | None, list[list[str]]]:
     return None, [line.split() for line in lines]
 
 
-def _read_celeba_attrs(path: str) -> tuple[list[str], np.ndarray]:
-    """-> (file names (N,), uint8 (N, 40) in {0, 1}, columns in CELEBA_ATTRIBUTES order)."""
+def _read_celeba(files: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The annotations -> (file names (N,), uint8 (N, 40) in {0, 1} in CELEBA_ATTRIBUTES order, split codes (N,))."""
+    path = files["attr"]
     header, rows = _read_rows(path)
     if sorted(header) != sorted(CELEBA_ATTRIBUTES):
         raise DataError(f"'{path}' does not list the 40 CelebA attributes in its header "
@@ -457,14 +418,10 @@ def _read_celeba_attrs(path: str) -> tuple[list[str], np.ndarray]:
                 next(f"{header[k]} is '{v}'" for k, v in enumerate(bad[1:]) if v not in ("1", "-1")))
         raise DataError(f"'{path}': bad row for '{bad[0]}' (expected a name and 40 values -1/1; {what}); "
                         f"download the annotation file again")
-    order = [header.index(name) for name in CELEBA_ATTRIBUTES]
-    return [row[0] for row in rows], (values[:, order] > 0).astype(np.uint8)
-
-
-def _read_celeba_partition(path: str, names: list[str]) -> np.ndarray:
-    """-> int (N,) split code 0/1/2 of each of ``names``."""
-    _, rows = _read_rows(path)
-    table = {row[0]: row[-1] for row in rows}
+    names = [row[0] for row in rows]
+    attrs = (values[:, [header.index(name) for name in CELEBA_ATTRIBUTES]] > 0).astype(np.uint8)
+    path = files["partition"]
+    table = {row[0]: row[-1] for row in _read_rows(path)[1]}
     missing = next((name for name in names if name not in table), None)
     if missing is not None:
         raise DataError(f"'{path}' has no line for {missing}, which list_attr_celeba lists; download both "
@@ -472,12 +429,12 @@ def _read_celeba_partition(path: str, names: list[str]) -> np.ndarray:
     bad = next((name for name in names if table[name] not in ("0", "1", "2")), None)
     if bad is not None:
         raise DataError(f"'{path}' gives {bad} the split '{table[bad]}' (expected 0, 1 or 2); download it again")
-    return np.array([int(table[name]) for name in names])
+    return names, attrs, np.array([int(table[name]) for name in names])
 
 
 def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose):
-    names, attrs = _read_celeba_attrs(files["attr"])
-    in_split = np.flatnonzero(_read_celeba_partition(files["partition"], names) == SPLITS.index(split))
+    names, attrs, codes = _read_celeba(files)
+    in_split = np.flatnonzero(codes == SPLITS.index(split))
     n = len(in_split)
     if n == 0:
         raise DataError(f"'{files['partition']}' puts no image in split '{split}'; download it again")
@@ -488,38 +445,29 @@ def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose
     ok = np.ones(len(jobs), dtype=bool)
     bad = []
     for k, (x, reason) in enumerate(_map(_decode_file, jobs, num_workers, f"celeba {split}", verbose)):
-        if x is None:
-            ok[k] = False
-            bad.append(jobs[k][0])
-            if len(bad) > MAX_UNREADABLE * len(jobs):       # too many already: stop decoding, say so once
-                raise DataError(f"more than {MAX_UNREADABLE:.0%} of the {len(jobs)} images of celeba {split} are "
-                                f"unreadable, e.g. {', '.join(bad[:3])} ({reason}); download or unzip "
-                                f"img_align_celeba again")
-            tqdm.write(f"warning: skipping unreadable image {jobs[k][0]} ({reason})", file=sys.stderr)
-        else:
+        if x is not None:
             images[k] = x
+            continue
+        ok[k] = False
+        bad.append(jobs[k][0])
+        if len(bad) > MAX_UNREADABLE * len(jobs):       # too many already: stop decoding, say so once
+            raise DataError(f"more than {MAX_UNREADABLE:.0%} of the {len(jobs)} images of celeba {split} are "
+                            f"unreadable, e.g. {', '.join(bad[:3])} ({reason}); download or unzip "
+                            f"img_align_celeba again")
+        tqdm.write(f"warning: skipping unreadable image {jobs[k][0]} ({reason})", file=sys.stderr)
     keep = idx[ok]
     return images[ok], attrs[keep], [names[i] for i in keep], n, len(bad)
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache and the entry point
-
-def _report(dataset, split, n, k, fraction, verbose):
-    if verbose:
-        print(f"{dataset} {split}: {n:,} images in split, using {k:,} ({100 * fraction:g}%)")
-
+# The cache and the entry point
 
 def _file_sha1(path: str) -> str:
-    h = hashlib.sha1()
     try:
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            return hashlib.sha1(f.read()).hexdigest()
     except OSError as e:
-        raise DataError(f"cannot read '{path}' ({e.strerror}); check its permissions, or download it "
-                        f"again") from None
-    return h.hexdigest()
+        raise DataError(f"cannot read '{path}' ({e.strerror}); check its permissions, or download it again") from None
 
 
 def _cache_paths(cache_dir: str, key: dict) -> tuple[str, str]:
@@ -538,35 +486,25 @@ def _load_cache(npy_path: str, json_path: str, key: dict):
         images = np.load(npy_path, mmap_mode="c")  # copy-on-write: pages are read on demand
         n, S = len(meta["names"]), key["image_size"]
         assert meta["key"] == key and images.shape == (n, 3, S, S) and images.dtype == np.uint8
-        bits = "".join(meta["attrs"]).encode()
-        attrs = (np.frombuffer(bits, dtype=np.uint8) - ord("0")).reshape(n, -1)
+        attrs = (np.frombuffer("".join(meta["attrs"]).encode(), dtype=np.uint8) - ord("0")).reshape(n, -1)
     except (OSError, ValueError, KeyError, AssertionError) as e:
-        print(f"warning: ignoring damaged cache {npy_path} ({type(e).__name__}); rebuilding",
-              file=sys.stderr)
+        print(f"warning: ignoring damaged cache {npy_path} ({type(e).__name__}); rebuilding", file=sys.stderr)
         return None
     return images, attrs, meta["names"], meta["n_original"], meta["n_skipped"]
 
 
 def _save_cache(npy_path, json_path, key, images, attrs, names, n_original, n_skipped):
     atomic_save_npy(npy_path, images)  # the .json goes last: it marks the cache as complete
-    atomic_write_json(json_path, {"key": key, "n_original": n_original, "n_skipped": n_skipped,
-                                  "names": names,
+    atomic_write_json(json_path, {"key": key, "n_original": n_original, "n_skipped": n_skipped, "names": names,
                                   "attrs": [bytes(row + ord("0")).decode() for row in attrs]})
 
 
 def load_split(dataset: str, split: str, image_size: int, data_root: str = "./data",
                subset_fraction: float = 0.5, seed: int = 0, cache_dir: str | None = None,
                download: bool = False, num_workers: int = 0, verbose: bool = True) -> ImageSplit:
-    """Decode (or load from ``cache_dir``) a random ``subset_fraction`` of one split.
-
-    :param dataset: "celeba" or "toyfaces" (which ignores ``data_root`` and ``download``).
-    :param split: "train", "valid" or "test".
-    :param image_size: side S of the square images.
-    :param cache_dir: folder for the decoded split (.npy + .json), keyed by a hash of everything
-        that changes the result; ``None`` decodes every time.
-    :param num_workers: decoding processes; 0 decodes in this process.
-    :return: an ``ImageSplit`` with images uint8 (N, 3, S, S) and attrs uint8 (N, A).
-    """
+    """Decode a random ``subset_fraction`` of one split, or load it from ``cache_dir`` (.npy + .json, named by a hash
+    of everything that changes the result; ``None``: no cache). toyfaces ignores ``data_root`` and ``download``;
+    ``num_workers`` decoding processes, 0 decodes in this process."""
     attr_names = attribute_names(dataset)
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
@@ -593,23 +531,22 @@ def load_split(dataset: str, split: str, image_size: int, data_root: str = "./da
     else:
         key.update(sizes=TOYFACES_SPLIT_SIZES)
 
-    cached, paths = None, None
+    paths = cached = None
     if cache_dir is not None:
         try:
             ensure_writable_dir(cache_dir, "cache folder")
         except UserError:
-            raise DataError(f"cannot create or write the cache folder '{cache_dir}'; pass a "
-                            f"writable --cache_dir, or none to decode without caching") from None
+            raise DataError(f"cannot create or write the cache folder '{cache_dir}'; pass a writable --cache_dir, "
+                            f"or none to decode without caching") from None
         paths = _cache_paths(cache_dir, key)
         cached = _load_cache(*paths, key)
-        if cached is not None:
-            _report(dataset, split, cached[3], len(cached[2]), subset_fraction, verbose)
-            if verbose:
-                print(f"using cache {paths[0]}")
-    if cached is None:
+    if cached is not None:
+        _report(dataset, split, cached[3], len(cached[2]), subset_fraction, verbose)
+        if verbose:
+            print(f"using cache {paths[0]}")
+    else:
         if dataset == "celeba":
-            cached = _build_celeba(files, split, image_size, subset_fraction, seed, num_workers,
-                                   verbose)
+            cached = _build_celeba(files, split, image_size, subset_fraction, seed, num_workers, verbose)
         else:
             cached = _build_toyfaces(split, image_size, subset_fraction, seed, num_workers, verbose)
         if paths is not None:
@@ -617,6 +554,5 @@ def load_split(dataset: str, split: str, image_size: int, data_root: str = "./da
             if verbose:
                 print(f"saved cache {paths[0]}")
     images, attrs, names, n_original, n_skipped = cached
-    return ImageSplit(images=torch.from_numpy(images), attrs=torch.from_numpy(np.array(attrs)),
-                      attr_names=attr_names, names=list(names), split=split,
-                      n_original=n_original, n_skipped=n_skipped)
+    return ImageSplit(images=torch.from_numpy(images), attrs=torch.from_numpy(np.array(attrs)), attr_names=attr_names,
+                      names=list(names), split=split, n_original=n_original, n_skipped=n_skipped)

@@ -1,19 +1,16 @@
 """Generate faces toward an attribute, or counterfactuals of given faces, and judge them independently.
 
 Sample from noise (the seed's commands):
-    python generate.py --target_label 1 --guidance_scale 3.0 --num_samples 16
+    python generate.py --target_label 1 --num_samples 16
     python generate.py --target_label 0 --guidance_scale 3.0 --num_samples 16
     python generate.py --no_guidance --num_samples 16
-Counterfactuals of given images (the same face, changed in the attribute):
-    python generate.py --input face.jpg photos/ --target_label 1 --strength 0.5
-Evaluation run on N test images whose label is not the target, at several scales:
-    python generate.py --from_dataset 64 --target_label 1 --guidance_scale 2 4 8 --retry_scales
-Change only the region guidance needs (ACE-style mask; the rest of the face stays the input's pixels):
-    python generate.py --input face.jpg --target_label 1 --strength 0.5 --localize
+Counterfactuals of given images (the same face, changed in the attribute; the measured recipe by default):
+    python generate.py --input face.jpg photos/ --target_label 1
+    python generate.py --from_dataset 64 --target_label 0          # N test images whose label is not the target
 All models come from the checkpoint files (see train.py); e.g. --diffusion_model runs/toyfaces/diffusion_final.pth.
 
-Writes --output (grid PNG), a folder named after its stem with one PNG per sample, and <stem>.json
-with the arguments, per-sample probabilities and the summary.
+Writes --output (grid PNG), a folder named after its stem with one PNG per sample, and <stem>.json with the
+arguments, per-sample probabilities, the summary and the network calls per image.
 """
 from __future__ import annotations
 
@@ -21,6 +18,7 @@ import json
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,108 +26,171 @@ import torch.nn.functional as F
 from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
-from common import (PRECISION_HELP, ArgumentParser, UserError, atomic_save_image, atomic_write_json, autocast,
-                    check_positive, check_seed, ensure_writable_dir, grid_image, heatmap, load_checkpoint,
-                    memory_format_for, refuse_folder, resolve_device, run_main, to_uint8)
+from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save_image,
+                    atomic_write_json, autocast, check_positive, check_seed, ensure_writable_dir, grid_image, heatmap,
+                    load_checkpoint, memory_format_for, refuse_folder, resolve_device, run_main, to_uint8)
 from dataset import load_image_file, load_split, to_float
-from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
+from diffusion_model import SAMPLERS, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_STRENGTH = 0.5
-DEFAULT_STEPS = 100
-DEFAULT_PRESERVE = 0.1     # weight of the other attributes' guidance, from the measurements in the README
+RUN_FILES = ("diffusion_final.pth", "classifier_best.pth", "oracle_best.pth")     # what a train.py run leaves
+# The defaults, measured on toyfaces with the usual guide and with one held at a real guide's accuracy
+# (docs/results.md): a single scale for samples from noise; for counterfactuals a ladder of scales, each image
+# taking the first at which the guide calls it flipped (as DiME), with localisation and preservation.
+SAMPLE_DEFAULTS = {"guidance_scale": [60.0], "sampler": "ddpm", "steps": 100}
+EDIT_DEFAULTS = {"guidance_scale": [30.0, 60.0, 120.0], "sampler": "dpmpp2m", "steps": 20, "strength": 0.5,
+                 "preserve": 1.0}
 
 
 def get_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Classifier-guided sampling and counterfactuals with GuidedEmotion models.")
+    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     p.add_argument("--diffusion_model", default="diffusion_final.pth", help="diffusion checkpoint from train.py")
     p.add_argument("--classifier_model", default="classifier_best.pth", help="guiding classifier checkpoint")
     p.add_argument("--oracle_model", default=None,
                    help="independent judge (default: oracle_best.pth beside the classifier/diffusion model, if there)")
     p.add_argument("--num_samples", type=int, default=16, help="samples to draw from noise (per guidance scale)")
-    p.add_argument("--guidance_scale", type=float, nargs="+", default=[3.0],
-                   help="classifier guidance scale s (one or more; each gets its own grid row and summary)")
+    p.add_argument("--guidance_scale", type=float, nargs="+", default=None,
+                   help=f"classifier guidance scale s. Samples: one row per scale (default "
+                        f"{SAMPLE_DEFAULTS['guidance_scale'][0]:g}); counterfactuals: a ladder, smallest first, each "
+                        f"image taking the first scale the guide calls flipped (default "
+                        f"{' '.join(f'{s:g}' for s in EDIT_DEFAULTS['guidance_scale'])})")
     p.add_argument("--target_label", type=int, default=1, choices=(0, 1), help="1: attribute present, 0: absent")
     p.add_argument("--output", default="generated_samples.png", help="grid image path; per-sample PNGs go in a "
                                                                       "folder named after its stem")
     p.add_argument("--no_guidance", action="store_true", help="sample without classifier guidance")
-    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"),
-                   help="ancestral DDPM (default; see README for why) or deterministic DDIM")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps spread over the full schedule (default: "
-                   f"{DEFAULT_STEPS}, or T if smaller; DDPM with fewer than T steps uses the respaced posterior)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like noise)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="ddpm (ancestral), ddim (deterministic) or "
+                   f"dpmpp2m (DPM-Solver++(2M)); default {SAMPLE_DEFAULTS['sampler']} for samples, "
+                   f"{EDIT_DEFAULTS['sampler']} for counterfactuals")
+    p.add_argument("--steps", type=int, default=None, help="network calls over the full schedule (a counterfactual "
+                   f"takes its share); default {SAMPLE_DEFAULTS['steps']} for samples, {EDIT_DEFAULTS['steps']} for "
+                   f"counterfactuals")
     p.add_argument("--batch_size", type=int, default=64, help="images per sampling batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=PRECISION_HELP)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     # counterfactuals
     p.add_argument("--input", nargs="+", default=None, help="image files or folders to make counterfactuals of")
     p.add_argument("--from_dataset", type=int, default=None,
                    help="make counterfactuals of N test images whose true label is not the target")
     p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
-    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+    p.add_argument("--strength", type=float, default=EDIT_DEFAULTS["strength"],
                    help="counterfactual noise level: start step t0 = round(strength * T) - 1; 0 returns the input, "
                         "1 is free generation")
     p.add_argument("--invert", action="store_true",
-                   help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of q_sample's fresh "
-                        "noise (needs --sampler ddim; keeps the person better, steers less per unit of scale)")
-    p.add_argument("--localize", action="store_true",
-                   help="counterfactuals: repaint only where guidance changed the image (ACE-style mask: a guided and "
-                        "an unguided run from the same noise, their difference thresholded and dilated); the rest "
-                        "stays the input pixel for pixel. Costs about 2.5x the time")
+                   help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of fresh noise (needs "
+                        "--sampler ddim; runs in fp32 without clipping, so that it round-trips)")
+    p.add_argument("--no_localize", action="store_true",
+                   help="counterfactuals: let the whole image change (by default only where guidance changed it: an "
+                        "ACE-style mask from a guided and an unguided run, the rest stays the input pixel for pixel)")
     p.add_argument("--mask_threshold", type=float, default=0.05,
-                   help="with --localize: smallest guided-vs-unguided change (mean |diff| on the [0, 1] scale over "
-                        "3x3 pixels) that goes into the mask")
-    p.add_argument("--mask_dilation", type=int, default=None,
-                   help="with --localize: grow the mask by this many pixels (default: image size / 32)")
-    p.add_argument("--resample", type=int, default=1,
-                   help="with --localize: RePaint resampling, each step of the repainting run taken this many times "
-                        "(1: none; about that many times slower)")
-    p.add_argument("--preserve", type=float, default=None,
-                   help="counterfactuals with a guide trained by train.py --guide_all_attributes: weight of the "
-                        "guidance that holds every other attribute at the guide's verdict on the input "
-                        f"(default {DEFAULT_PRESERVE:g} with such a guide, 0 otherwise; 0: off)")
-    p.add_argument("--retry_scales", action="store_true",
-                   help="counterfactuals: retry images that did not flip, by the guide's verdict, at the next "
-                        "--guidance_scale in the order given, so give them smallest first (as DiME; the oracle "
-                        "only judges)")
+                   help="localisation: smallest guided-vs-unguided change (mean |diff| on the [0, 1] scale over 3x3 "
+                        "pixels) that goes into the mask")
+    p.add_argument("--preserve", type=float, default=EDIT_DEFAULTS["preserve"],
+                   help="counterfactuals: weight of the guidance that holds every other attribute at the guide's "
+                        "probabilities on the input (0: off)")
     return p
+
+
+def check_args(args, parser) -> bool:
+    """Every flag checked before anything is loaded or written; -> whether this is a counterfactual run."""
+    cf_mode = args.input is not None or args.from_dataset is not None
+    for name in ("num_samples", "batch_size", "steps", "from_dataset"):
+        check_positive("--" + name, getattr(args, name))
+    for scale in args.guidance_scale or []:
+        check_positive("--guidance_scale", scale, allow_zero=True)          # 0 means no guidance
+    check_positive("--preserve", args.preserve, allow_zero=True)
+    check_seed(args.seed)
+    if not 0.0 <= args.strength <= 1.0:
+        raise UserError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.input is not None and args.from_dataset is not None:
+        raise UserError("--input and --from_dataset both given; pass one of them")
+    if args.no_guidance and cf_mode:
+        raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
+    given = parser.given()                  # a flag written out that would do nothing here is a mistake to report
+    idle = {"strength": not cf_mode, "invert": not cf_mode, "no_localize": not cf_mode, "preserve": not cf_mode,
+            "mask_threshold": not cf_mode or args.no_localize, "num_samples": cf_mode,
+            "guidance_scale": args.no_guidance}
+    for flag, does_nothing in idle.items():
+        if does_nothing and flag in given:
+            why = {"num_samples": "sets the number of samples from noise; counterfactuals make one per input image",
+                   "guidance_scale": "sets guidance, which --no_guidance turns off",
+                   "mask_threshold": "shapes the localisation mask of counterfactuals"}.get(
+                flag, "works on --input/--from_dataset counterfactuals")
+            raise UserError(f"--{flag} {why}, so it would do nothing in this run; drop it")
+    if not 0.0 <= args.mask_threshold < 1.0:
+        raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
+    if args.invert and (args.sampler or EDIT_DEFAULTS["sampler"]) != "ddim":
+        raise UserError("--invert needs --sampler ddim (the inversion runs DDIM's step forwards); add it or drop --invert")
+    stem, ext = os.path.splitext(args.output)
+    if ext.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"--output '{args.output}' must end in .png or .jpg")
+    refuse_folder(args.output, "--output")                   # before any work; writability is checked later
+    refuse_folder(stem + ".json", "--output's summary")
+    if os.path.exists(stem) and not os.path.isdir(stem):
+        raise UserError(f"--output '{args.output}' needs the sample folder '{stem}', but that is a file; choose "
+                        f"another --output or move the file")
+    return cf_mode
 
 
 # ----------------------------------------------------------------------------------------------
 # Models from checkpoints
 
 
-def load_diffusion(path: str, device):
-    ckpt = load_checkpoint(path, "diffusion", "--diffusion_model")
-    net = UNet(UNetConfig(**ckpt["config"]))
-    net.load_state_dict(ckpt.get("ema") or ckpt["model"])             # sample with the EMA weights
-    net = net.to(device, memory_format=memory_format_for(device)).eval()
-    return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt
+def count_calls(module: torch.nn.Module, with_grad: bool = False) -> dict:
+    """{"images": n}: the images that pass through ``module``'s forward (only those with autograd on, for the
+    guide's gradient calls), counted by a hook. Divided by the images made, it is the cost papers report."""
+    counter = {"images": 0}
+
+    def hook(mod, inputs, output):
+        if torch.is_grad_enabled() or not with_grad:
+            counter["images"] += inputs[0].shape[0]
+    module.register_forward_hook(hook)
+    return counter
 
 
-def load_classifier(path: str, device):
-    ckpt = load_checkpoint(path, "classifier", "--classifier_model")
-    net = NoisyClassifier(ClassifierConfig(**ckpt["config"]))
-    net.load_state_dict(ckpt["model"])
-    return net.to(device).eval(), ckpt
+def load_models(diffusion_path: str, classifier_path: str | None, oracle_path: str | None, device) -> SimpleNamespace:
+    """The UNet (EMA weights) and schedule, the guide and the oracle (either may be None), checked to belong
+    together; the attribute the guide steers and its column in the oracle; call counters on the UNet and guide."""
+    d_ckpt = load_checkpoint(diffusion_path, "diffusion", "--diffusion_model")
+    net = UNet(UNetConfig(**d_ckpt["config"]))
+    net.load_state_dict(d_ckpt["ema"])                              # sample with the EMA weights
+    m = SimpleNamespace(net=net.to(device, memory_format=memory_format_for(device)).eval(), d_ckpt=d_ckpt,
+                        diffusion=GaussianDiffusion(DiffusionConfig(**d_ckpt["diffusion"])), guide=None, oracle=None,
+                        attribute=d_ckpt["attribute"], attr_names=d_ckpt["attr_names"], target_index=None,
+                        oracle_path=oracle_path, device=device)
+    if classifier_path is not None:
+        c_ckpt = load_checkpoint(classifier_path, "classifier", "--classifier_model")
+        check_compatible(d_ckpt, c_ckpt, "--classifier_model")
+        m.guide = NoisyClassifier(ClassifierConfig(**c_ckpt["config"]))
+        m.guide.load_state_dict(c_ckpt["model"])
+        m.guide, m.attribute, m.attr_names = m.guide.to(device).eval(), c_ckpt["attribute"], c_ckpt["attr_names"]
+    if oracle_path is not None:
+        o_ckpt = load_checkpoint(oracle_path, "oracle", "--oracle_model")
+        check_compatible(d_ckpt, o_ckpt, "--oracle_model")
+        if m.attribute not in o_ckpt["attr_names"]:
+            raise UserError(f"--oracle_model '{oracle_path}' does not know attribute {m.attribute}; "
+                            f"use the oracle trained with this model")
+        m.oracle = Oracle(OracleConfig(**o_ckpt["config"]))
+        m.oracle.load_state_dict(o_ckpt["model"])
+        m.oracle, m.target_index = m.oracle.to(device).eval(), o_ckpt["attr_names"].index(m.attribute)
+    m.unet_calls = count_calls(m.net)
+    m.guide_grads = count_calls(m.guide, with_grad=True) if m.guide is not None else {"images": 0}
+    return m
 
 
-def load_oracle(path: str, device):
-    ckpt = load_checkpoint(path, "oracle", "--oracle_model")
-    net = Oracle(OracleConfig(**ckpt["config"]))
-    net.load_state_dict(ckpt["model"])
-    return net.to(device).eval(), ckpt
+def load_run(run_dir: str, device) -> SimpleNamespace:
+    """The three networks of one training run (its output folder), for evaluate.py, app.py and the benchmarks."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--run_dir '{run_dir}' is not a folder; pass a train.py --output_dir")
+    return load_models(*(os.path.join(run_dir, f) for f in RUN_FILES), device)
 
 
-def load_run(run_dir: str, device):
-    """The three networks of one training run (its output folder), for the evaluation scripts."""
-    net, diffusion, d_ckpt = load_diffusion(os.path.join(run_dir, "diffusion_final.pth"), device)
-    clf, c_ckpt = load_classifier(os.path.join(run_dir, "classifier_best.pth"), device)
-    oracle, o_ckpt = load_oracle(os.path.join(run_dir, "oracle_best.pth"), device)
-    check_compatible(d_ckpt, c_ckpt, f"{run_dir}/classifier_best.pth")
-    check_compatible(d_ckpt, o_ckpt, f"{run_dir}/oracle_best.pth")
-    return net, diffusion, d_ckpt, clf, c_ckpt, oracle, o_ckpt
+def run_split(m, split: str):
+    """A split of the run's dataset with its size, subset and seed, from its cache where that is on this machine."""
+    a, d = m.d_ckpt["args"], m.d_ckpt
+    cache = a.get("cache_dir") if os.path.isdir(a.get("cache_dir") or "") else None
+    return load_split(d["dataset"], split, d["image_size"], a.get("data_root", "./data"), a.get("subset_fraction", 0.5),
+                      a.get("seed", 0), cache, verbose=False)
 
 
 def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
@@ -147,78 +208,54 @@ def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# Sampling and editing
 
 
-def _no_autocast(device) -> torch.autocast:
-    return torch.autocast(torch.device(device).type, enabled=False)
-
-
-def encode(net, diffusion, x0: torch.Tensor, t_start: int, *, invert=False, steps=None, seed=0, batch_size=64,
-           device="cpu", amp=None) -> torch.Tensor:
-    """Inputs x_0 -> x_{t_start}, the start of their counterfactuals; (N,3,S,S) -> (N,3,S,S) on the CPU.
-
-    q_sample with batch i's seeded noise (DDPM Eq. 4), or with ``invert`` deterministic DDIM inversion.
-    t_start = -1 (strength 0) returns the inputs. Done once per input set, whatever the number of scales.
-    """
-    out = []
-    for i in range(0, x0.shape[0], batch_size):
-        x = x0[i:i + batch_size].to(device)
-        if t_start < 0:
-            x_t = x
-        elif invert:
-            with amp or _no_autocast(device):
-                x_t = diffusion.ddim_invert(net, x, t_start, steps)
-        else:
-            g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
-            noise = torch.randn(x.shape, generator=g, device=device)
-            x_t = diffusion.q_sample(x, torch.full((x.shape[0],), t_start, device=device, dtype=torch.long), noise)
-        out.append(x_t.float().cpu())
+def generate_images(m, target: int, scale: float, *, n: int = 16, x_t0=None, t_start=None, known=None, keep=None,
+                    preserve: float = 0.0, sampler="ddpm", steps=None, clip=True, seed=0, batch_size=64,
+                    amp=None) -> torch.Tensor:
+    """Samples from noise, or counterfactuals from ``x_t0`` (the encoded inputs at t_start), guided toward ``target``
+    at ``scale``; ``known`` (mask (N,1,S,S), x0 (N,3,S,S)) keeps x0 where mask = 0 (RePaint), ``keep`` (N, A) are
+    the probabilities that --preserve holds. Batch i's noise comes from seed and i alone. -> (N,3,S,S) on the CPU."""
+    size, device = m.net.cfg.image_size, m.device
+    total, out = n if x_t0 is None else x_t0.shape[0], []
+    for i in range(0, total, batch_size):
+        b = min(batch_size, total - i)
+        g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
+        x_t = torch.randn((b, 3, size, size), generator=g, device=device) if x_t0 is None else x_t0[i:i + b].to(device)
+        cond_fn = None if m.guide is None or scale == 0 else make_cond_fn(
+            m.guide, target, scale, None if keep is None else keep[i:i + b], preserve)
+        kb = None if known is None else tuple(k[i:i + b].to(device) for k in known)
+        with amp or autocast(device, None):
+            x = m.diffusion.sample(m.net, x_t.shape, sampler=sampler, steps=steps, cond_fn=cond_fn, generator=g,
+                                   x_t=x_t, t_start=t_start, known=kb, clip=clip, device=device)
+        out.append(x.float().cpu())
     return torch.cat(out)
 
 
-def generate_images(net, diffusion, classifier, target: int, scale: float, *, n: int = 16, x_t0=None,
-                    t_start=None, known=None, keep=None, keep_weight=1.0, sampler="ddim", steps=None, eta=0.0,
-                    resample=1, seed=0, batch_size=64, device="cpu", amp=None) -> torch.Tensor:
-    """Samples from noise, or counterfactuals from ``x_t0`` (see ``encode``), guided toward ``target`` at ``scale``.
-
-    :param x_t0: (N,3,S,S) encoded inputs at step t_start; None samples ``n`` images from pure noise.
-    :param t_start: the counterfactual start step t0 in [-1, T-1]; -1 returns ``x_t0`` (the inputs) unchanged.
-    :param known: (mask (N,1,S,S), x0 (N,3,S,S)): generate only where mask = 1, keep x0 elsewhere (RePaint).
-    :param keep: (N, A) attribute values the guidance holds, with weight ``keep_weight`` (see make_cond_fn).
-    Batch i's noise comes from seed and i alone, so a run is reproducible. Returns (N,3,S,S) on the CPU.
-    """
-    size = net.cfg.image_size
-    guided = classifier is not None and scale != 0
-    cond_fn = make_cond_fn(classifier, target, scale) if guided and keep is None else None
-    total = n if x_t0 is None else x_t0.shape[0]
+def encode(m, x0: torch.Tensor, t_start: int, *, invert=False, steps=None, seed=0, batch_size=64) -> torch.Tensor:
+    """Inputs x_0 -> x_{t_start}, the start of their counterfactuals; (N,3,S,S) -> (N,3,S,S) on the CPU: q_sample
+    with batch i's seeded noise (DDPM Eq. 4, as SDEdit), or deterministic DDIM inversion in fp32."""
     out = []
-    for i in range(0, total, batch_size):
-        b = min(batch_size, total - i)
-        if guided and keep is not None:
-            cond_fn = make_cond_fn(classifier, target, scale, keep=keep[i:i + b], keep_weight=keep_weight)
-        g = torch.Generator(device=device).manual_seed(seed * 100003 + i)
-        x_t = torch.randn((b, 3, size, size), generator=g, device=device)    # x_{T-1} ~ N(0, I)
-        if x_t0 is not None:
-            x_t = x_t0[i:i + b].to(device)
-            if t_start < 0:
-                out.append(x_t.cpu())
-                continue
-        kb = None if known is None else tuple(k[i:i + b].to(device) for k in known)
-        with amp or _no_autocast(device):
-            x = diffusion.sample(net, x_t.shape, sampler=sampler, steps=steps, eta=eta, cond_fn=cond_fn,
-                                 generator=g, x_t=x_t, t_start=t_start, known=kb, resample=resample, device=device)
-        out.append(x.float().cpu())
+    for i in range(0, x0.shape[0], batch_size):
+        x = x0[i:i + batch_size].to(m.device)
+        if invert:
+            x_t = m.diffusion.ddim_invert(m.net, x, t_start, steps)
+        else:
+            g = torch.Generator(device=m.device).manual_seed(seed * 100003 + i)
+            t = torch.full((x.shape[0],), t_start, device=m.device, dtype=torch.long)
+            x_t = m.diffusion.q_sample(x, t, torch.randn(x.shape, generator=g, device=m.device))
+        out.append(x_t.float().cpu())
     return torch.cat(out)
 
 
 def edit_mask(x_guided: torch.Tensor, x_unguided: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
     """Where guidance changed the image: (N,3,S,S), (N,3,S,S) -> (N,1,S,S) in {0, 1}.
 
-    Both come from the same x_t0 and the same sampler noise, so their difference is guidance's doing,
-    not the model's imperfect reconstruction. |x_g - x_u| on the [0, 1] scale, averaged over channels
-    and a 3x3 window, above ``threshold``, then dilated by ``dilation`` pixels (as ACE, Jeanneret et al.
-    2023, post-processes its pre-explanations: only the changed region, dilated, is repainted).
+    Both come from the same x_t0 and the same sampler noise, so their difference is guidance's doing, not the
+    model's imperfect reconstruction. |x_g - x_u| on the [0, 1] scale, averaged over channels and a 3x3 window,
+    above ``threshold``, then dilated by ``dilation`` pixels (as ACE, Jeanneret et al. 2023, post-processes its
+    pre-explanations: only the changed region, dilated, is repainted).
     """
     d = (x_guided - x_unguided).abs().mean(1, keepdim=True) / 2                      # (N,1,S,S)
     d = F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)
@@ -226,102 +263,95 @@ def edit_mask(x_guided: torch.Tensor, x_unguided: torch.Tensor, threshold: float
     return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation) if dilation > 0 else mask
 
 
-def make_counterfactuals(net, diffusion, classifier, target: int, scales: list, x_in: torch.Tensor, x_t0, t_start,
-                         *, localize=False, mask_threshold=0.05, mask_dilation=None, preserve=0.0, **sample_kw):
-    """Counterfactuals of ``x_in`` (N,3,S,S) from its encoding ``x_t0`` at every guidance scale.
+def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, strength=EDIT_DEFAULTS["strength"],
+                         localize=True, mask_threshold=0.05, preserve=EDIT_DEFAULTS["preserve"], invert=False,
+                         sampler=EDIT_DEFAULTS["sampler"], steps=EDIT_DEFAULTS["steps"], **sample_kw):
+    """Counterfactuals of ``x_in`` (N,3,S,S) toward ``target``, by default with the measured recipe: encode to
+    t0 = round(strength * T) - 1, then a guided run per scale of the ladder ``scales`` for the images the guide
+    does not yet call flipped (as DiME retries). With ``localize`` (ACE-style) each run is compared with an
+    unguided one from the same x_t0 and noise, and a second guided run repaints only inside ``edit_mask``: outside
+    it the output is the input, pixel for pixel. With ``invert``: DDIM inversion, no clipping and fp32
+    throughout, so that an unguided edit gives the input back. ``sample_kw``: seed, batch_size, amp.
+    -> (N,3,S,S) counterfactuals, (N,1,S,S) masks (ones without ``localize``), (N,) the scale each used."""
+    scales = EDIT_DEFAULTS["guidance_scale"] if scales is None else scales
+    sample_kw.update(sampler=sampler, steps=steps)
+    t0, n = round(strength * m.diffusion.num_timesteps) - 1, x_in.shape[0]
+    out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
+    if t0 < 0:                                                # strength 0: the inputs themselves
+        return out, masks, used
+    if invert:
+        sample_kw.update(clip=False, amp=None)
+    keep = guide_probabilities(m, x_in) if preserve > 0 else None        # the soft targets --preserve holds
+    x_t0 = encode(m, x_in, t0, invert=invert, steps=steps, seed=sample_kw.get("seed", 0),
+                  batch_size=sample_kw.get("batch_size", 64))
+    todo, x_unguided = torch.arange(n), None
 
-    Plain: one guided run from x_t0 per scale. With ``localize`` (ACE-style): an unguided run from the
-    same x_t0 and noise, then per scale the guided run, ``edit_mask`` of the two, and a second guided run
-    that repaints only inside the mask; outside it the output is the input, pixel for pixel.
-    :param mask_dilation: pixels; None: image size / 32 (at least 1).
-    :param preserve: > 0 (a guide that knows every attribute): also hold the attributes the guide sees in
-        each input, with this weight (``make_cond_fn``'s keep_weight).
-    :returns: {scale: (N,3,S,S) counterfactuals}, {scale: (N,1,S,S) masks, all ones without ``localize``}.
-    """
-    if mask_dilation is None:
-        mask_dilation = max(1, x_in.shape[-1] // 32)
-    keep = None
-    if preserve > 0:                                 # the guide's own clean-image verdicts (t = 0) on the inputs
-        keep = guide_attributes(classifier, x_in, sample_kw.get("device", "cpu"))
-    run = lambda s, known=None: generate_images(net, diffusion, classifier, target, s, x_t0=x_t0, t_start=t_start,
-                                                known=known, keep=keep, keep_weight=preserve, **sample_kw)
-    x_unguided = run(0.0) if localize and t_start >= 0 else None
-    results, masks = {}, {}
+    def run(idx, scale, known=None):
+        return generate_images(m, target, scale, x_t0=x_t0[idx], t_start=t0, known=known, preserve=preserve,
+                               keep=None if keep is None else keep[idx], **sample_kw)
     for scale in scales:
-        x = run(scale)
-        mask = torch.ones_like(x[:, :1])
-        if x_unguided is not None and scale > 0:
-            mask = edit_mask(x, x_unguided, mask_threshold, mask_dilation)
-            x = run(scale, known=(mask, x_in))
-        results[scale], masks[scale] = x, mask
-    return results, masks
+        if localize and (x_unguided is None or sampler == "ddpm"):   # DDPM: same subset, same noise
+            x_unguided = torch.empty_like(x_in)
+            x_unguided[todo] = run(todo, 0.0)
+        x = run(todo, scale)
+        if localize:
+            masks[todo] = edit_mask(x, x_unguided[todo], mask_threshold, max(1, x_in.shape[-1] // 32))
+            x = run(todo, scale, known=(masks[todo], x_in[todo]))
+        out[todo], used[todo] = x, scale
+        flipped = (guide_probabilities(m, x)[:, m.guide.cfg.target_index] > 0.5) == bool(target)
+        todo = todo[~flipped]
+        if len(todo) == 0:
+            break
+    return out, masks, used
 
 
 # ----------------------------------------------------------------------------------------------
 # Judging
 
 
-def clean_batches(fn, x0: torch.Tensor, device=None, batch_size: int = 256) -> torch.Tensor:
-    """fn(x) for every batch x of clean images x0 (N,3,S,S), run on ``device`` (default: x0's), concatenated on
-    the CPU along the first dimension."""
-    device = x0.device if device is None else device
-    with torch.no_grad():
-        return torch.cat([fn(x0[i:i + batch_size].to(device)).cpu() for i in range(0, x0.shape[0], batch_size)])
+@torch.no_grad()
+def probabilities(fn, x: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    """sigmoid(fn(x)) over batches of clean images x (N,3,S,S) on ``device``. -> (N,A) on the CPU."""
+    return torch.cat([torch.sigmoid(fn(x[i:i + batch_size].to(device)).float()).cpu()
+                      for i in range(0, x.shape[0], batch_size)])
 
 
-def at_t0(x: torch.Tensor) -> torch.Tensor:
-    """Timestep 0 for every image of the batch x: the guide judges a clean image as if it were x_t at the least
-    noisy step it was trained on (t = 0, noise std sqrt(1 - abar_0) = 0.01). (B,3,S,S) -> (B,)"""
-    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+def guide_probabilities(m, x: torch.Tensor) -> torch.Tensor:
+    """The guide's p(attribute present) on clean images, judged at t = 0, the least noisy step it was trained on
+    (noise std 0.01). (N,3,S,S) -> (N,A)"""
+    return probabilities(lambda b: m.guide(b, torch.zeros(b.shape[0], dtype=torch.long, device=b.device)), x, m.device)
 
 
-def guide_probability(classifier, x0: torch.Tensor, target: int, device=None, batch_size: int = 256) -> torch.Tensor:
-    """The guiding classifier's p(target | x_0) on clean images (judged at t = 0, ``at_t0``). (N,3,S,S) -> (N,)"""
-    def p_target(x):
-        logit = classifier(x, at_t0(x)).float()
-        return torch.sigmoid(logit if target == 1 else -logit)
-    return clean_batches(p_target, x0, device, batch_size)
-
-
-def guide_attributes(classifier, x0: torch.Tensor, device=None, batch_size: int = 256) -> torch.Tensor:
-    """The guide's 0/1 verdict on every attribute of clean images (a guide with several outputs). (N,3,S,S) -> (N,A)"""
-    return clean_batches(lambda x: (classifier(x, at_t0(x), all_outputs=True).float() > 0).long(), x0, device,
-                         batch_size)
-
-
-def oracle_probabilities(oracle, x0: torch.Tensor, device=None, batch_size: int = 256) -> torch.Tensor:
+def oracle_probabilities(m, x: torch.Tensor) -> torch.Tensor:
     """The oracle's p(attribute present) for every attribute. (N,3,S,S) -> (N,A)"""
-    return clean_batches(lambda x: torch.sigmoid(oracle(x).float()), x0, device, batch_size)
+    return probabilities(m.oracle, x, m.device)
 
 
-def counterfactual_metrics(x: torch.Tensor, x_cf: torch.Tensor, oracle_before: torch.Tensor | None,
-                           oracle_after: torch.Tensor | None, guide_after: torch.Tensor | None,
-                           target_index: int | None, target: int, attr_names: list | None) -> dict:
-    """Flip rates, MNAC and L1 for a batch of counterfactuals.
+def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, o_before=None, o_after=None) -> dict:
+    """Flip rates, MNAC and L1 of counterfactuals x_cf of x (both (N,3,S,S) in [-1, 1]).
 
-    :param x, x_cf: (N,3,S,S) inputs and counterfactuals in [-1, 1].
-    :param oracle_before, oracle_after: (N,A) oracle probabilities, or None without an oracle.
-    :param guide_after: (N,) the guide's p(target | counterfactual), or None.
-    flip rate = share of counterfactuals judged to have the target label (p > 0.5);
-    MNAC = mean number of the *other* attributes whose oracle decision changed (DiME Sec. 5, ACE);
-    L1 = mean absolute per-pixel difference on the [0, 1] scale, per image, then mean and std.
+    flip rate = share of counterfactuals judged to have the target label (p > 0.5), by the guide and, when there
+    is one, by the oracle; MNAC = mean number of the *other* attributes whose oracle decision changed (DiME Sec. 5,
+    ACE); L1 = mean absolute per-pixel difference on the [0, 1] scale, per image, then mean and std.
     """
     l1 = ((x - x_cf).abs() / 2).flatten(1).mean(1)                               # (N,)
     out = {"n": int(x.shape[0]), "l1_mean": l1.mean().item(), "l1_std": l1.std(unbiased=False).item()}
-    if guide_after is not None:
-        out["flip_rate_guide"] = (guide_after > 0.5).float().mean().item()
-    if oracle_after is not None:
-        pred_after = oracle_after[:, target_index] > 0.5
-        out["flip_rate_oracle"] = (pred_after == bool(target)).float().mean().item()
-        changed = (oracle_before > 0.5) != (oracle_after > 0.5)                    # (N,A)
-        others = [i for i in range(changed.shape[1]) if i != target_index]
+    if m.guide is not None:
+        p = guide_probabilities(m, x_cf)[:, m.guide.cfg.target_index]
+        out["flip_rate_guide"] = ((p > 0.5) == bool(target)).float().mean().item()
+    if m.oracle is not None:
+        o_before = oracle_probabilities(m, x) if o_before is None else o_before
+        o_after = oracle_probabilities(m, x_cf) if o_after is None else o_after
+        out["flip_rate_oracle"] = ((o_after[:, m.target_index] > 0.5) == bool(target)).float().mean().item()
+        changed = (o_before > 0.5) != (o_after > 0.5)                              # (N,A)
+        others = [i for i in range(changed.shape[1]) if i != m.target_index]
         out["mnac"] = changed[:, others].float().sum(1).mean().item()
-        out["changed_per_attribute"] = {attr_names[i]: changed[:, i].float().mean().item() for i in others}
+        out["changed_per_attribute"] = {m.attr_names[i]: changed[:, i].float().mean().item() for i in others}
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs for counterfactuals
+# Inputs and outputs
 
 
 def list_input_images(paths: list) -> list:
@@ -341,12 +371,12 @@ def list_input_images(paths: list) -> list:
 
 def check_outputs_spare_inputs(output: str, inputs: list, input_files: list) -> None:
     """The grid, its .json and its sample folder must not overwrite an --input image or land in an --input
-    folder, where the next run would read them as inputs. An input inside the sample folder is refused too:
-    a rerun writes that folder's sample_*.png and removes the ones the earlier run listed."""
+    folder, where the next run would read them as inputs; nor may an input sit in the sample folder, whose
+    files a rerun replaces."""
     stem = os.path.splitext(output)[0]
     written = {os.path.realpath(p) for p in (output, stem + ".json")}
-    into = written | {os.path.join(os.path.realpath(stem), "sample.png")}     # the sample folder's files
-    clash = [p for p in inputs if os.path.isdir(p) and os.path.realpath(p) in {os.path.dirname(w) for w in into}]
+    into = {os.path.dirname(w) for w in written} | {os.path.realpath(stem)}
+    clash = [p for p in inputs if os.path.isdir(p) and os.path.realpath(p) in into]
     clash += [f for f in input_files if os.path.realpath(f) in written
               or os.path.dirname(os.path.realpath(f)) == os.path.realpath(stem)]
     if clash:
@@ -354,38 +384,110 @@ def check_outputs_spare_inputs(output: str, inputs: list, input_files: list) -> 
                         f"choose an --output outside the inputs")
 
 
-def sample_files(records: list) -> set:
-    """The per-sample file names (inside the sample folder) that a summary's "samples" records list."""
-    found = set()
-    for rec in records:
-        for v in (rec, *rec.values()):
-            if isinstance(v, dict) and isinstance(v.get("file"), str) and os.path.basename(v["file"]) == v["file"]:
-                found.add(v["file"])
-    return found
+def dataset_inputs(m, n: int, target: int, data_root: str | None):
+    """N test-split images whose true steered attribute is not the target, at the diffusion model's size and subset.
+    -> (N,3,S,S) in [-1, 1], their names."""
+    k = m.guide.cfg.target_index
+    if data_root is not None:
+        m = SimpleNamespace(**{**vars(m), "d_ckpt": {**m.d_ckpt, "args": {**m.d_ckpt["args"], "data_root": data_root}}})
+    split = run_split(m, "test")
+    pick = torch.nonzero(split.attrs[:, k] != target).squeeze(1)[:n]
+    if len(pick) == 0:
+        raise UserError(f"no test images with {m.attribute} != {target}; choose the other --target_label")
+    if len(pick) < n:
+        print(f"warning: only {len(pick)} test images have {m.attribute} != {target}; using them all")
+    return to_float(split.images[pick]), [os.path.splitext(split.names[i])[0] for i in pick.tolist()]
 
 
-def earlier_sample_files(json_path: str) -> set:
-    """Per-sample files an earlier run with the same --output listed in its summary (none if it has none)."""
+def difference_map(x: torch.Tensor, x_cf: torch.Tensor) -> np.ndarray:
+    """Where a counterfactual differs from its input, as a heat map scaled to each image's largest change:
+    (N,3,S,S), (N,3,S,S) -> (N,S,S,3) uint8."""
+    d = ((x_cf - x).abs().mean(1) / 2).numpy()                                     # (N,S,S) in [0, 1]
+    return np.stack([heatmap(di / max(di.max(), 1e-3)) for di in d])
+
+
+def _pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(to_uint8(x[None])[0])
+
+
+def write_files(folder: str, json_path: str, files: dict) -> None:
+    """Write ``files`` {name: (3,S,S) image} into the sample folder, and remove the per-sample images that an
+    earlier run with the same --output listed in its .json and this run does not write."""
     try:
         with open(json_path) as f:
-            records = json.load(f).get("samples", [])
-        return sample_files(records) if isinstance(records, list) else set()
-    except (OSError, ValueError, AttributeError):
-        return set()
+            earlier = {r["file"] for r in json.load(f)["samples"] if os.path.basename(str(r["file"])) == r["file"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = set()
+    for name, x in files.items():
+        atomic_save_image(_pil(x), os.path.join(folder, name))
+    stale = [os.path.join(folder, f) for f in sorted(earlier - set(files)) if os.path.isfile(os.path.join(folder, f))]
+    for path in stale:
+        os.remove(path)
+    if stale:
+        print(f"removed {len(stale)} per-sample image(s) that an earlier run wrote to {folder}{os.sep}")
 
 
-def dataset_inputs(d_ckpt: dict, attribute: str, attribute_index: int, n: int, target: int, data_root: str | None):
-    """N test-split images whose true ``attribute`` (the steered one, column ``attribute_index``) is not the
-    target, at the diffusion model's size and subset."""
-    a = d_ckpt["args"]
-    split = load_split(d_ckpt["dataset"], "test", d_ckpt["image_size"], data_root or a.get("data_root", "./data"),
-                       a.get("subset_fraction", 0.5), a.get("seed", 0), None, False, 0, verbose=True)
-    keep = torch.nonzero(split.attrs[:, attribute_index] != target).squeeze(1)[:n]
-    if len(keep) < n:
-        print(f"warning: only {len(keep)} test images have {attribute} != {target}; using them all")
-    if len(keep) == 0:
-        raise UserError(f"no test images with {attribute} != {target}; choose the other --target_label")
-    return to_float(split.images[keep]), [split.names[i] for i in keep.tolist()]
+def report_samples(m, results: dict, target: int, names: str) -> tuple:
+    """Samples from noise: per scale the guide's and the oracle's target rates. -> (grid tiles, summary, records)"""
+    summary, records, tiles = {}, [], []
+    for scale, x in results.items():
+        s, p_guide, p_oracle = {"n": x.shape[0]}, None, None
+        if m.guide is not None:
+            p = guide_probabilities(m, x)[:, m.guide.cfg.target_index]
+            p_guide = p if target == 1 else 1 - p
+            s.update(guide_target_rate=(p_guide > 0.5).float().mean().item(), guide_mean_p=p_guide.mean().item())
+        if m.oracle is not None:
+            p = oracle_probabilities(m, x)[:, m.target_index]
+            p_oracle = p if target == 1 else 1 - p
+            s.update(oracle_target_rate=(p_oracle > 0.5).float().mean().item(), oracle_mean_p=p_oracle.mean().item())
+        summary["unguided" if scale == 0 else f"scale_{scale:g}"] = s
+        for i in range(x.shape[0]):
+            records.append({"index": i, "scale": scale, "file": names.format(scale=scale, i=i),
+                            "guide_p_target": None if p_guide is None else round(p_guide[i].item(), 4),
+                            "oracle_p_target": None if p_oracle is None else round(p_oracle[i].item(), 4)})
+        tiles.append(to_uint8(x))
+    return np.concatenate(tiles), summary, records
+
+
+def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list) -> tuple:
+    """Counterfactuals: flip rates, MNAC, L1 and the scale each image used; panels original | counterfactual |
+    difference, one row per image. -> (grid tiles, summary, records)"""
+    o_before = oracle_probabilities(m, x_in) if m.oracle is not None else None
+    o_after = oracle_probabilities(m, x_cf) if m.oracle is not None else None
+    summary = counterfactual_metrics(m, x_in, x_cf, target, o_before, o_after)
+    summary.update(mask_area=masks.mean().item(), scale_used={f"{s:g}": int((used == s).sum()) for s in used.unique()})
+    g_before, g_after = (guide_probabilities(m, x)[:, m.guide.cfg.target_index] for x in (x_in, x_cf))
+    flip = (lambda p: p) if target == 1 else (lambda p: 1 - p)                # p(target)
+    tiles, records = [], []
+    for i, (name, a, b, d) in enumerate(zip(names, to_uint8(x_in), to_uint8(x_cf), difference_map(x_in, x_cf))):
+        tiles += [a, b, d]
+        rec = {"index": i, "name": name, "file": f"{i:04d}_{name}.png", "scale": used[i].item(),
+               "guide_p_target_before": round(flip(g_before[i]).item(), 4),
+               "guide_p_target": round(flip(g_after[i]).item(), 4),
+               "l1": round(((x_in[i] - x_cf[i]).abs() / 2).mean().item(), 5), "mask_area": round(masks[i].mean().item(), 4)}
+        if o_before is not None:
+            rec.update(oracle_p_target_before=round(flip(o_before[i, m.target_index]).item(), 4),
+                       oracle_p_target=round(flip(o_after[i, m.target_index]).item(), 4))
+        records.append(rec)
+    return np.stack(tiles), {"counterfactuals": summary}, records
+
+
+def print_summary(summary: dict, want: str, steered: bool, has_oracle: bool) -> None:
+    for key, s in summary.items():
+        line = [f"[{key}]"]
+        if "flip_rate_guide" in s:
+            line += [f"flip rate (oracle, independent) {s['flip_rate_oracle']:.1%}  MNAC {s['mnac']:.2f}"
+                     if "flip_rate_oracle" in s else "", f"flip rate (guiding classifier) {s['flip_rate_guide']:.1%}",
+                     f"L1 {s['l1_mean']:.4f} ± {s['l1_std']:.4f}", f"mask {s['mask_area']:.1%} of the image",
+                     "scale used: " + ", ".join(f"{k} for {v}" for k, v in s["scale_used"].items())]
+        else:
+            line += [f"oracle (independent): {s['oracle_target_rate']:.1%} of {s['n']} are {want}, mean p "
+                     f"{s['oracle_mean_p']:.2f}" if "oracle_target_rate" in s else "",
+                     f"guiding classifier: {s['guide_target_rate']:.1%} are {want}" if "guide_target_rate" in s else ""]
+        print("  ".join(x for x in line if x))
+    if steered:
+        print("note: the guiding classifier steered these images, so its verdict is not an independent judge"
+              + ("; trust the oracle's" if has_oracle else "; train an oracle (train.py --oracle_epochs) for one"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,280 +496,64 @@ def dataset_inputs(d_ckpt: dict, attribute: str, attribute_index: int, n: int, t
 def main() -> int:
     parser = get_parser()
     args = parser.parse_args()
-    cf_mode = args.input is not None or args.from_dataset is not None
-    # check every argument before loading or writing anything
-    check_positive("--num_samples", args.num_samples)
-    check_positive("--batch_size", args.batch_size)
-    check_positive("--steps", args.steps)
-    check_positive("--from_dataset", args.from_dataset)
-    check_seed(args.seed)
-    for scale in args.guidance_scale:
-        check_positive("--guidance_scale", scale, allow_zero=True)          # 0 means no guidance
-    if not 0.0 <= args.strength <= 1.0:
-        raise UserError(f"--strength must be in [0, 1], got {args.strength}")
-    if not 0.0 <= args.eta <= 1.0:
-        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.input is not None and args.from_dataset is not None:
-        raise UserError("--input and --from_dataset both given; pass one of them")
-    if args.invert and (not cf_mode or args.sampler != "ddim"):
-        raise UserError("--invert works on --input/--from_dataset counterfactuals with --sampler ddim; add those "
-                        "or drop --invert")
-    if (args.localize or args.mask_dilation is not None) and not cf_mode:
-        raise UserError("--localize/--mask_dilation work on --input/--from_dataset counterfactuals; add one of those "
-                        "or drop them")
-    check_positive("--resample", args.resample)
-    if args.resample > 1 and not args.localize:
-        raise UserError("--resample works on --localize counterfactuals (it repaints the masked region); add "
-                        "--localize or drop --resample")
-    if not 0.0 <= args.mask_threshold < 1.0:
-        raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
-    check_positive("--mask_dilation", args.mask_dilation, allow_zero=True)
-    check_positive("--preserve", args.preserve, allow_zero=True)
-    if args.preserve and not cf_mode:
-        raise UserError("--preserve works on --input/--from_dataset counterfactuals; add one of those or drop it")
-    if args.no_guidance and cf_mode:
-        raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
-    given = parser.given()                  # a flag written out that would do nothing here is a mistake to report
-    idle = {"strength": (not cf_mode, "works on --input/--from_dataset counterfactuals"),   # flag: (idle?, why)
-            "retry_scales": (not cf_mode, "works on --input/--from_dataset counterfactuals"),
-            "num_samples": (cf_mode, "sets the number of samples from noise; counterfactuals make one per input image"),
-            "mask_threshold": (not args.localize, "works on --localize counterfactuals"),
-            "eta": (args.sampler != "ddim", "is DDIM's noise (--sampler ddim)")}
-    for flag, (does_nothing, why) in idle.items():
-        if does_nothing and flag in given:
-            raise UserError(f"--{flag} {why}, so it would do nothing in this run; drop it")
-    stem, ext = os.path.splitext(args.output)
-    if ext.lower() not in (".png", ".jpg", ".jpeg"):
-        raise UserError(f"--output '{args.output}' must end in .png or .jpg")
-    refuse_folder(args.output, "--output")                   # before any work; writability is checked later
-    refuse_folder(stem + ".json", "--output's summary")
-    if os.path.exists(stem) and not os.path.isdir(stem):
-        raise UserError(f"--output '{args.output}' needs the sample folder '{stem}', but that is a file; choose "
-                        f"another --output or move the file")
+    cf_mode = check_args(args, parser)
     input_files = list_input_images(args.input) if args.input is not None else None
     if input_files is not None:
         check_outputs_spare_inputs(args.output, args.input, input_files)
-
     device = resolve_device(args.device, "sampling")
-    net, diffusion, d_ckpt = load_diffusion(args.diffusion_model, device)
-    T = diffusion.num_timesteps
-    if args.steps is not None and args.steps > T:
-        raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
-    steps = args.steps or min(DEFAULT_STEPS, T)
-    size = d_ckpt["image_size"]
-
-    classifier = c_ckpt = None
-    if not args.no_guidance or os.path.isfile(args.classifier_model):
-        classifier, c_ckpt = load_classifier(args.classifier_model, device)
-        check_compatible(d_ckpt, c_ckpt, "--classifier_model")
-    attribute, attribute_index = (c_ckpt or d_ckpt)["attribute"], (c_ckpt or d_ckpt)["attribute_index"]
-    oracle_path = args.oracle_model
-    if oracle_path is None:
-        beside = os.path.dirname(args.classifier_model if c_ckpt else args.diffusion_model)
-        oracle_path = os.path.join(beside, "oracle_best.pth")
-        oracle_path = oracle_path if os.path.isfile(oracle_path) else None
-    oracle = o_ckpt = None
-    if oracle_path is not None:
-        oracle, o_ckpt = load_oracle(oracle_path, device)
-        check_compatible(d_ckpt, o_ckpt, "--oracle_model")
-        if attribute not in o_ckpt["attr_names"]:
-            raise UserError(f"--oracle_model '{oracle_path}' does not know attribute {attribute}; "
-                            f"use the oracle trained with this model")
-    target_index = o_ckpt["attr_names"].index(attribute) if o_ckpt else None
-    every = classifier is not None and classifier.cfg.num_outputs > 1
-    if args.preserve and not every:
-        raise UserError(f"--preserve needs a guide that knows every attribute, but '{args.classifier_model}' learned "
-                        f"only {attribute}; train one with train.py --guide_all_attributes, or drop --preserve")
-    preserve = (DEFAULT_PRESERVE if every else 0.0) if args.preserve is None else args.preserve
-
-    if input_files is not None:
-        x_in = torch.stack([load_image_file(f, size) for f in input_files])
-        x_in, names = to_float(x_in), [os.path.splitext(os.path.basename(f))[0] for f in input_files]
-    elif args.from_dataset is not None:
-        x_in, names = dataset_inputs(d_ckpt, attribute, attribute_index, args.from_dataset, args.target_label,
-                                     args.data_root)
-        names = [os.path.splitext(n)[0] for n in names]
-    folder = stem
+    guide = args.classifier_model if not args.no_guidance or os.path.isfile(args.classifier_model) else None
+    oracle = args.oracle_model or os.path.join(os.path.dirname(guide or args.diffusion_model), "oracle_best.pth")
+    m = load_models(args.diffusion_model, guide, oracle if args.oracle_model or os.path.isfile(oracle) else None, device)
+    defaults = EDIT_DEFAULTS if cf_mode else SAMPLE_DEFAULTS
+    sampler, steps = args.sampler or defaults["sampler"], args.steps or defaults["steps"]
+    T = m.diffusion.num_timesteps
+    if steps > T:
+        if args.steps:
+            raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
+        steps = T
+    scales = [0.0] if args.no_guidance else args.guidance_scale or defaults["guidance_scale"]
+    stem = os.path.splitext(args.output)[0]
+    if cf_mode:
+        x_in, names = (to_float(torch.stack([load_image_file(f, m.d_ckpt["image_size"]) for f in input_files])),
+                       [os.path.splitext(os.path.basename(f))[0] for f in input_files]) if input_files is not None \
+            else dataset_inputs(m, args.from_dataset, args.target_label, args.data_root)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.output)), "output folder")
-    ensure_writable_dir(folder, "sample folder")
-
-    scales = [0.0] if args.no_guidance else list(args.guidance_scale)
-    amp = autocast(device, args.precision)
-    t_start = round(args.strength * T) - 1 if cf_mode else None        # 0-based t0: 499 for 0.5 at T = 1000
-    what = "counterfactuals" if cf_mode else "samples"
-    print(f"{what}: {args.sampler.upper()}-{steps} on {device}, attribute {attribute} -> {args.target_label}, "
-          f"scales {scales if not args.no_guidance else 'none (unguided)'}"
-          + (f", holding the other attributes (--preserve {preserve:g})" if cf_mode and preserve else "")
-          + (", localized (--localize)" if args.localize else ""))
+    ensure_writable_dir(stem, "sample folder")
+    amp = autocast(device, amp_dtype(device, args.precision))
+    print(f"{'counterfactuals' if cf_mode else 'samples'}: {sampler.upper()}-{steps} on {device}, attribute "
+          f"{m.attribute} -> {args.target_label}, " + ("unguided" if args.no_guidance else f"scales {scales}")
+          + (f", strength {args.strength:g}, preserve {args.preserve:g}, "
+             f"{'no localisation' if args.no_localize else 'localised'}" if cf_mode else ""))
     t0 = time.time()
-    x_t0 = None
+    kw = dict(sampler=sampler, steps=steps, seed=args.seed, batch_size=args.batch_size, amp=amp)
     if cf_mode:
-        x_t0 = encode(net, diffusion, x_in, t_start, invert=args.invert, steps=steps, seed=args.seed,
-                      batch_size=args.batch_size, device=device, amp=amp)
-    sample_kw = dict(sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                     resample=args.resample, device=device, amp=amp)      # resample acts on the repainting run only
-    if cf_mode:                                                      # scale -> (N,3,S,S) on CPU, (N,1,S,S) masks
-        results, masks = make_counterfactuals(net, diffusion, classifier, args.target_label, scales, x_in, x_t0,
-                                              t_start, localize=args.localize, mask_threshold=args.mask_threshold,
-                                              mask_dilation=args.mask_dilation,
-                                              preserve=preserve if cf_mode and not args.no_guidance else 0.0,
-                                              **sample_kw)
+        x_cf, masks, used = make_counterfactuals(m, x_in, args.target_label, scales, strength=args.strength,
+                                                 localize=not args.no_localize, mask_threshold=args.mask_threshold,
+                                                 preserve=args.preserve, invert=args.invert, **kw)
+        seconds = time.time() - t0
+        tiles, summary, records = report_counterfactuals(m, x_in, x_cf, masks, used, args.target_label, names)
+        grid, files = grid_image(tiles, nrow=3), {r["file"]: x_cf[r["index"]] for r in records}
     else:
-        results = {scale: generate_images(net, diffusion, None if args.no_guidance else classifier,
-                                          args.target_label, scale, n=args.num_samples, **sample_kw)
-                   for scale in scales}
-    seconds = time.time() - t0
-
-    # judge: the guide's own verdict, and the independent oracle's
-    def judge(x):
-        g = guide_probability(classifier, x, args.target_label, device) if classifier is not None else None
-        o = oracle_probabilities(oracle, x, device) if oracle is not None else None
-        return g, o
-
-    summary, per_sample = {}, []
-    if cf_mode:
-        g_before, o_before = judge(x_in)
-        columns = []                    # (label, images, guide p, oracle p, masks) in the panels, left to right
-        retry_pick = None
-        for scale in scales:
-            g_after, o_after = judge(results[scale])
-            m = summary[f"scale_{scale:g}"] = counterfactual_metrics(
-                x_in, results[scale], o_before, o_after, g_after, target_index, args.target_label,
-                o_ckpt["attr_names"] if o_ckpt else None)
-            if args.localize:
-                m["mask_area"] = masks[scale].mean().item()
-            flipped = g_after > 0.5     # the guide decides retries (as DiME); the oracle only judges the result
-            if args.retry_scales:                  # keep the first scale at which each image flipped
-                if retry_pick is None:
-                    retry_pick = (results[scale].clone(), masks[scale].clone(), flipped.clone(),
-                                  torch.full((len(flipped),), scale))
-                else:
-                    xr, mr, fr, sr = retry_pick
-                    take = ~fr
-                    xr[take], mr[take], sr[take], fr[take] = results[scale][take], masks[scale][take], scale, flipped[take]
-            columns.append((f"s={scale:g}", results[scale], g_after, o_after, masks[scale]))
-        if retry_pick is not None and len(scales) > 1:
-            xr, mr, fr, sr = retry_pick
-            g_after, o_after = judge(xr)
-            m = counterfactual_metrics(x_in, xr, o_before, o_after, g_after, target_index, args.target_label,
-                                       o_ckpt["attr_names"] if o_ckpt else None)
-            m["scale_used"] = {f"{s:g}": int((sr == s).sum()) for s in scales}
-            if args.localize:
-                m["mask_area"] = mr.mean().item()
-            summary["retry"] = m
-            columns.append(("retry", xr, g_after, o_after, mr))
-            retry_scale_used = sr
-        # panels: original | (counterfactual | difference) per column, one row per image
-        tiles = []
-        x_u8 = to_uint8(x_in)
-        for i in range(x_in.shape[0]):
-            tiles.append(x_u8[i])
-            for _, xc, _, _, _ in columns:
-                tiles.append(to_uint8(xc[i:i + 1])[0])
-                diff = ((xc[i] - x_in[i]).abs().mean(0) / 2).numpy()              # (S,S) in [0, 1]
-                tiles.append(heatmap(diff / max(diff.max(), 1e-3)))
-        grid = grid_image(np.stack(tiles), nrow=1 + 2 * len(columns))
-        for i, name in enumerate(names):
-            rec = {"index": i, "name": name,
-                   "guide_p_target_before": _f(g_before, i), "oracle_p_target_before": _o(o_before, i, target_index,
-                                                                                          args.target_label)}
-            for label, xc, g_after, o_after, mc in columns:
-                fname = f"{i:04d}_{name}_{label.replace('=', '')}.png"
-                atomic_save_image(_pil(xc[i]), os.path.join(folder, fname))
-                rec[label] = {"file": fname, "guide_p_target": _f(g_after, i),
-                              "oracle_p_target": _o(o_after, i, target_index, args.target_label),
-                              "l1": ((x_in[i] - xc[i]).abs() / 2).mean().item()}
-                if args.localize:
-                    rec[label]["mask_area"] = round(mc[i].mean().item(), 4)
-                if label == "retry":
-                    rec[label]["scale"] = float(retry_scale_used[i])
-            per_sample.append(rec)
-    else:
-        tiles = []
-        for scale in scales:
-            g, o = judge(results[scale])
-            x_u8 = to_uint8(results[scale])
-            tiles.append(x_u8)
-            s = {"n": args.num_samples}
-            if g is not None:
-                s["guide_target_rate"] = (g > 0.5).float().mean().item()
-                s["guide_mean_p_target"] = g.mean().item()
-            if o is not None:
-                p_t = o[:, target_index] if args.target_label == 1 else 1 - o[:, target_index]
-                s["oracle_target_rate"] = (p_t > 0.5).float().mean().item()
-                s["oracle_mean_p_target"] = p_t.mean().item()
-            key = "unguided" if args.no_guidance else f"scale_{scale:g}"
-            summary[key] = s
-            for i in range(args.num_samples):
-                fname = f"sample_{i:04d}.png" if len(scales) == 1 else f"s{scale:g}_sample_{i:04d}.png"
-                atomic_save_image(_pil(results[scale][i]), os.path.join(folder, fname))
-                per_sample.append({"index": i, "scale": scale, "file": fname, "guide_p_target": _f(g, i),
-                                   "oracle_p_target": _o(o, i, target_index, args.target_label)})
-        tiles = np.concatenate(tiles)
-        nrow = math.ceil(math.sqrt(args.num_samples)) if len(scales) == 1 else args.num_samples
-        grid = grid_image(tiles, nrow=nrow)
-
+        results = {s: generate_images(m, args.target_label, s, n=args.num_samples, **kw) for s in scales}
+        seconds = time.time() - t0
+        name = "sample_{i:04d}.png" if len(scales) == 1 else "s{scale:g}_sample_{i:04d}.png"
+        tiles, summary, records = report_samples(m, results, args.target_label, name)
+        grid = grid_image(tiles, nrow=args.num_samples if len(scales) > 1 else math.ceil(math.sqrt(args.num_samples)))
+        files = {r["file"]: results[r["scale"]][r["index"]] for r in records}
+    made = len(records)
+    calls = {"unet_calls_per_image": m.unet_calls["images"] / made, "guide_grads_per_image": m.guide_grads["images"] / made}
+    write_files(stem, stem + ".json", files)
     atomic_save_image(grid, args.output)
-    report = {"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling", "attribute": attribute,
-              "target_label": args.target_label, "sampler": args.sampler, "steps": steps,
-              "strength": args.strength if cf_mode else None, "preserve": preserve if cf_mode else None,
-              "seconds": round(seconds, 2),
-              "guide": args.classifier_model if classifier is not None else None, "oracle": oracle_path,
-              "summary": summary, "samples": per_sample}
-    json_path = stem + ".json"
-    stale = earlier_sample_files(json_path) - sample_files(per_sample)    # an earlier run's extra samples
-    atomic_write_json(json_path, report)
-    stale = [os.path.join(folder, fname) for fname in sorted(stale) if os.path.isfile(os.path.join(folder, fname))]
-    for path in stale:
-        os.remove(path)
-    if stale:
-        print(f"removed {len(stale)} per-sample image(s) that an earlier run wrote to {folder}{os.sep}")
-    print_summary(summary, cf_mode, attribute, args.target_label, oracle is not None,
-                  steered=classifier is not None and not args.no_guidance)
-    print(f"{sum(r.shape[0] for r in results.values())} {what} in {seconds:.1f} s; wrote {args.output}, "
-          f"{folder}{os.sep} and {json_path}")
+    atomic_write_json(stem + ".json", {"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling",
+                                       "attribute": m.attribute, "target_label": args.target_label, "sampler": sampler,
+                                       "steps": steps, "scales": scales, "seconds": round(seconds, 2), **calls,
+                                       "guide": guide, "oracle": m.oracle_path if m.oracle else None,
+                                       "summary": summary, "samples": records})
+    print_summary(summary, f"{m.attribute}={args.target_label}", steered=not args.no_guidance, has_oracle=m.oracle is not None)
+    print(f"{made} {'counterfactuals' if cf_mode else 'samples'} in {seconds:.1f} s ({calls['unet_calls_per_image']:.0f} "
+          f"UNet calls and {calls['guide_grads_per_image']:.0f} guide gradients per image); wrote {args.output}, "
+          f"{stem}{os.sep} and {stem}.json")
     return 0
-
-
-def _pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(to_uint8(x[None])[0])
-
-
-def _f(p, i):
-    return None if p is None else round(float(p[i]), 4)
-
-
-def _o(o, i, k, target):
-    if o is None:
-        return None
-    p = float(o[i, k])
-    return round(p if target == 1 else 1 - p, 4)
-
-
-def print_summary(summary, cf_mode, attribute, target, has_oracle, steered):
-    want = f"{attribute}={target}"
-    for key, s in summary.items():
-        line = [f"[{key}]"]
-        if cf_mode:
-            if "flip_rate_oracle" in s:
-                line.append(f"flip rate (oracle, independent) {s['flip_rate_oracle']:.1%}")
-                line.append(f"MNAC {s['mnac']:.2f}")
-            if "flip_rate_guide" in s:
-                line.append(f"flip rate (guiding classifier) {s['flip_rate_guide']:.1%}")
-            line.append(f"L1 {s['l1_mean']:.4f} ± {s['l1_std']:.4f}")
-            if "mask_area" in s:
-                line.append(f"mask {s['mask_area']:.1%} of the image")
-        else:
-            if "oracle_target_rate" in s:
-                line.append(f"oracle (independent): {s['oracle_target_rate']:.1%} of {s['n']} are {want}, "
-                            f"mean p {s['oracle_mean_p_target']:.2f}")
-            if "guide_target_rate" in s:
-                line.append(f"guiding classifier: {round(s['guide_target_rate'] * s['n'])}/{s['n']} are {want}, "
-                            f"mean p {s['guide_mean_p_target']:.2f}")
-        print("  ".join(line))
-    if steered:
-        print("note: the guiding classifier steered these images, so its verdict is not an independent judge"
-              + ("; trust the oracle's" if has_oracle else "; train an oracle (train.py --oracle_epochs) for one"))
 
 
 if __name__ == "__main__":

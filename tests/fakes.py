@@ -51,7 +51,7 @@ def make_celeba(root, layout="official", n=N_FAKE):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image_size", "16", "--channel_mult", "1,2", "--attn_resolutions", "8", "--base_channels", "16",
-        "--num_res_blocks", "1", "--classifier_channels", "16", "--oracle_width", "8", "--batch_size", "16",
+        "--num_res_blocks", "1", "--classifier_channels", "16", "--batch_size", "16",
         "--device", "cpu", "--timesteps", "100", "--warmup_steps", "5"]
 SEED_OUTPUTS = ("classifier_best.pth", "diffusion_final.pth")
 

@@ -2,9 +2,15 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from classifier import ClassifierConfig, NoisyClassifier
+from diffusion_model import UNet, UNetConfig
 from fakes import ROOT, assert_ok, assert_user_error, run, run_here
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
@@ -12,6 +18,7 @@ TINY_UNET = ["--device", "cpu", "--precision", "fp32", "--image_size", "16", "--
              "--channel_mult", "1,2", "--attn_resolutions", "8", "--num_res_blocks", "1", "--batch_size", "8",
              "--steps", "2", "--repeats", "1"]
 INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
+DEVICE_CHECK = os.path.join(ROOT, "benchmarks", "device_check.sh")
 
 
 def table(stdout: str) -> tuple:
@@ -24,9 +31,10 @@ def table(stdout: str) -> tuple:
 
 def check_train_throughput_table(stdout: str, with_diffusers: bool) -> None:
     header, rows = table(stdout)
-    assert header == ["model", "parameters", "fwd GFLOP/image", "images/s (median)", "ms/step", "MFU"]
+    assert header == ["model", "parameters", "fwd GFLOP/image", "images/s (median)", "ms/step", "MFU", "peak GiB"]
     ours = rows["ours: UNet"]
     assert int(ours[1].replace(",", "")) > 0 and float(ours[2]) > 0 and float(ours[3]) > 0
+    assert ours[5:7] == ["n/a", "n/a"]                    # MFU and peak memory: CUDA only
     ips = float(ours[3])                                  # both printed to 0.1: allow for that rounding
     assert abs(float(ours[4]) - 8e3 / ips) < 0.05 + 0.05 * 8e3 / (ips - 0.05) ** 2 + 1e-6     # ms/step, batch 8
     if not with_diffusers:
@@ -35,30 +43,13 @@ def check_train_throughput_table(stdout: str, with_diffusers: bool) -> None:
     theirs = rows["diffusers: UNet2DModel"]
     assert int(theirs[1].replace(",", "")) > 0 and float(theirs[3]) > 0
     ratio = [float(v) for v in rows["ratio ours/diffusers"][1:5]]     # params, FLOPs, images/s, ms/step
-    assert abs(ratio[0] - 1) <= 0.10 and abs(ratio[1] - 1) <= 0.10    # the same architecture
+    assert ratio[0] == 1.0 and ratio[1] == 1.0                        # the same architecture
     assert ratio[2] > 0 and abs(ratio[2] * ratio[3] - 1) < 0.01
 
 
-def check_breakdown(breakdown: str, result: dict, models: list) -> None:
-    """Every kind of op has a row, the kinds and "other" add up to the profiled step, per model."""
-    header, rows = table(breakdown)
-    assert header == ["kind of op"] + [f"{m} {c}" for m in models for c in ("ms", "share")]
-    kinds = ["convolution", "matmul and attention", "GroupNorm and SiLU", "dropout", "optimizer and clipping"]
-    assert list(rows) == kinds + ["other", "step"]
-    assert list(result["breakdown_ms_per_step"]) == models
-    for model in models:
-        ms = result["breakdown_ms_per_step"][model]
-        assert ms["convolution"] > 0 and ms["matmul and attention"] > 0 and ms["optimizer and clipping"] > 0
-        assert abs(sum(ms[k] for k in kinds + ["other"]) - ms["step"]) < 1e-6 * ms["step"]
-    assert all(rows["step"][i] == "100.0%" for i in range(2, 2 * len(models) + 1, 2))
-    assert "convolution rate, at most" in breakdown and "GFLOP/s" in breakdown
-    assert ("conv-bound ceiling" in breakdown) == ("diffusers" in models)
-    if "diffusers" in models:
-        assert float(breakdown.split("ours would run at ")[1].split("x")[0]) > 0
-
-
 def test_train_throughput(tmp_path):
-    """With diffusers (benchmarks/requirements.txt): both networks side by side. Without (CI): ours alone."""
+    """With diffusers (benchmarks/requirements.txt): both networks side by side. Without (CI): ours alone. The
+    breakdown's kinds of op and "other" add up to the profiled step."""
     out = tmp_path / "train_throughput.json"
     proc = run("benchmarks/train_throughput.py", *TINY_UNET, "--warmup", "1", "--breakdown", "--breakdown_steps", "2",
                "--json", out)
@@ -68,72 +59,98 @@ def test_train_throughput(tmp_path):
     result = json.loads(out.read_text())
     models = ["ours", "diffusers"] if HAVE_DIFFUSERS else ["ours"]
     assert list(result["images_per_s"]) == models and len(result["images_per_s"]["ours"]) == 1
-    check_breakdown(breakdown, result, models)
+    assert result["precision"] == "fp32" and result["mfu"] is None and result["peak_memory_gib"] is None
+    header, rows = table(breakdown)
+    assert header == ["kind of op"] + [f"{m} {c}" for m in models for c in ("ms", "share")]
+    kinds = ["convolution", "matmul and attention", "GroupNorm and SiLU", "dropout", "optimizer and clipping"]
+    assert list(rows) == kinds + ["other", "step"] and list(result["breakdown_ms_per_step"]) == models
+    for model in models:
+        ms = result["breakdown_ms_per_step"][model]
+        assert ms["convolution"] > 0 and ms["matmul and attention"] > 0 and ms["optimizer and clipping"] > 0
+        assert abs(sum(ms[k] for k in kinds + ["other"]) - ms["step"]) < 1e-6 * ms["step"]
     if HAVE_DIFFUSERS:
         assert "same function: not checked, the two differ" in proc.stdout      # TINY_UNET: groups 16 and 32
-        assert result["params"]["ours"] == result["params"]["diffusers"]
     else:
         assert f"diffusers is not installed, so ours is timed alone; {INSTALL_HINT}" in proc.stdout
         assert result["ratio_ours_over_diffusers"] == {}
 
 
-def test_train_throughput_in_either_layout(tmp_path):
-    out = tmp_path / "contiguous.json"
-    proc = run("benchmarks/train_throughput.py", *TINY_UNET, "--warmup", "0", "--memory_format", "channels_last",
-               "--json", out)
+def test_train_throughput_fp16_with_a_grad_scaler_in_channels_last(tmp_path):
+    out = tmp_path / "fp16.json"
+    proc = run("benchmarks/train_throughput.py", *TINY_UNET, "--warmup", "0", "--precision", "fp16",
+               "--memory_format", "channels_last", "--json", out)
     assert_ok(proc)
-    assert ", channels_last, compile off" in proc.stdout
-    assert json.loads(out.read_text())["args"]["memory_format"] == "channels_last"
-    assert_user_error(run("benchmarks/train_throughput.py", "--memory_format", "nhwc"), "--memory_format")
-
-
-def test_train_throughput_breakdown_needs_the_timing():
-    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--count_only", "--breakdown")
-    assert_user_error(proc, "--breakdown profiles training steps, which --count_only skips")
+    assert ", fp16 autocast + GradScaler, channels_last, compile off;" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["precision"] == "fp16 autocast + GradScaler" and result["memory_format"] == "channels_last"
+    assert result["median_images_per_s"]["ours"] > 0
 
 
 def test_train_throughput_without_diffusers(tmp_path):
-    """Where diffusers is installed, hide it: ours is still counted (and timed), and a note says what to install."""
+    """Where diffusers is installed, hide it: ours is still timed, and a note says what to install."""
     out = tmp_path / "alone.json"
     code = ("import runpy, sys; sys.modules['diffusers'] = None; "
-            f"sys.argv = ['train_throughput.py', '--device', 'cpu', '--count_only', '--json', {str(out)!r}]; "
+            f"sys.argv = ['train_throughput.py', *{TINY_UNET!r}, '--warmup', '0', '--json', {str(out)!r}]; "
             f"runpy.run_path({os.path.join(ROOT, 'benchmarks', 'train_throughput.py')!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert_ok(proc)
     assert f"note: diffusers is not installed, so ours is timed alone; {INSTALL_HINT}" in proc.stdout
     assert "same function:" not in proc.stdout
+    check_train_throughput_table(proc.stdout, with_diffusers=False)
+    result = json.loads(out.read_text())
+    assert list(result["params"]) == ["ours"] and result["ratio_ours_over_diffusers"] == {}
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason=f"diffusers is not installed ({INSTALL_HINT})")
+def test_train_throughput_twin_is_the_same_function(monkeypatch):
+    """Our random weights, renamed by ours_as_diffusers_state, load strictly into the diffusers twin and give the
+    same outputs (two res blocks per level, a level with attention and one without: every kind of entry of the
+    mapping); a mapping that swaps one attention's q and k does not, so the check would catch a wrong one."""
+    spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(ROOT, "benchmarks",
+                                                                             "train_throughput.py"))
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    cfg = UNetConfig(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,))
+    torch.manual_seed(0)
+    ours = UNet(cfg)
+    twin, notes = tt.diffusers_twin(cfg, ours)
+    assert notes == [] and sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in ours.parameters())
+    same = tt.output_difference(ours, twin, 16)
+    assert same < 1e-5
+    right = tt.ours_as_diffusers_state
+
+    def q_and_k_swapped(net):
+        sd, key = right(net), "up_blocks.0.attentions.2.to_{}.weight"
+        sd[key.format("q")], sd[key.format("k")] = sd[key.format("k")], sd[key.format("q")]
+        return sd
+    monkeypatch.setattr(tt, "ours_as_diffusers_state", q_and_k_swapped)
+    assert tt.output_difference(ours, twin, 16) > max(1e-5, 100 * same)     # fails the bound the right one meets
+    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--image_size", "32", "--base_channels", "32",
+               "--channel_mult", "1,2,2", "--attn_resolutions", "16", "--count_only")     # the README's small model
+    assert_ok(proc)
+    assert float(re.search(r"outputs equal within (\S+) of", proc.stdout).group(1)) < 1e-5
     _, rows = table(proc.stdout)
-    assert list(rows) == ["ours: UNet"] and rows["ours: UNet"][1] == "35,746,307"       # the default model
-    assert json.loads(out.read_text())["params"] == {"ours": 35746307}
+    assert rows["ours: UNet"][1] == rows["diffusers: UNet2DModel"][1] == "1,624,323"
+    assert rows["ratio ours/diffusers"][1:3] == ["1.000", "1.000"]
 
 
-def test_train_throughput_counts_the_transposed_upsampling_and_checks_the_twin():
-    """At 64x64 the CPU runs our 32 -> 64 upsampling as a transposed conv: the count shows it and says why.
-    With one GroupNorm group count and one head dim, the diffusers twin computes the same function: our
-    weights, copied in by name, give the same outputs (through that transposed conv, too)."""
-    proc = run("benchmarks/train_throughput.py", "--device", "cpu", "--image_size", "64", "--base_channels", "32",
-               "--channel_mult", "1,2", "--attn_resolutions", "32", "--num_res_blocks", "1", "--count_only")
-    assert_ok(proc)
-    assert "1 upsampling conv(s) as a transposed conv on the CPU" in proc.stdout
-    if not HAVE_DIFFUSERS:
-        return
-    difference = float(proc.stdout.split("give outputs equal within ")[1].split()[0])
-    assert difference < 1e-5
-    params, flops = (float(v) for v in table(proc.stdout)[1]["ratio ours/diffusers"][1:3])
-    assert params == 1.0 and 0.9 < flops < 1.0
+def test_train_throughput_rejects_bad_input(tmp_path, capsys, monkeypatch):
+    def bad(*args):
+        return run_here("benchmarks/train_throughput.py", "--device", "cpu", *args, cwd=tmp_path, capsys=capsys,
+                        monkeypatch=monkeypatch)
 
-
-def test_layer_paths():
-    proc = run("benchmarks/layer_paths.py", "--device", "cpu", "--batch_size", "1", "--iters", "1", "--repeats", "1")
-    assert_ok(proc)
-    header, _ = table(proc.stdout)
-    assert header == ["layer", "size", "path A", "path B", "A ms", "B ms", "A / B"]
-    body = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
-            if line.startswith("|")][2:]                        # table() keys rows by layer; upsample has three
-    assert [r[0] for r in body] == ["attention", "upsample", "upsample", "upsample", "dropout"]
-    assert all(float(v) > 0 for r in body for v in r[4:7])
-    assert_user_error(run("benchmarks/layer_paths.py", "--iters", "0"), "--iters must be > 0")
+    assert_user_error(bad("--memory_format", "nhwc"), "--memory_format")
+    assert_user_error(bad("--precision", "fp8"), "--precision")
+    assert_user_error(bad("--steps", "0"), "--steps must be > 0")
+    assert_user_error(bad("--peak_tflops", "nan"), "--peak_tflops must be > 0")
+    assert_user_error(bad("--count_only", "--breakdown"),
+                      "--breakdown profiles training steps, which --count_only skips")
+    assert_user_error(bad("--attn_resolutions", "12", "--count_only"), "attn_resolutions 12 is not a feature-map side",
+                      "64, 32, 16, 8", "--attn_resolutions")
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(bad("--json", tmp_path / "afile" / "r.json"), "cannot write", "afile")
+    assert_user_error(bad("--json", tmp_path), "--json", "is a folder")
 
 
 def test_data_path(tmp_path):
@@ -155,76 +172,78 @@ def test_data_path(tmp_path):
 
 def test_data_path_rejects_too_few_images():
     proc = run("benchmarks/data_path.py", "--n_images", "10", "--batch_size", "32", "--device", "cpu")
-    assert_user_error(proc, "--n_images", "--batch_size")
+    assert_user_error(proc, "--n_images 10 gives 6 training images", "--steps", "--batch_size")
 
 
-def test_counterfactuals_benchmark_with_toyfaces_ground_truth(toy_run, tmp_path):
-    out, _ = toy_run
-    proc = run("benchmarks/counterfactuals.py", "--run_dir", out, "--device", "cpu", "--n", 3, "--strengths", 0.3,
-               "--scales", 5, 20, "--steps", 10, "--targets", 1, "--localize", "--seed", 3,
-               "--json", tmp_path / "cf.json")
-    assert_ok(proc)
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
-            if line.startswith("|")]
-    assert rows[0] == ["target", "strength", "scale", "flip rate (oracle)", "flip rate (guide)", "MNAC",
-                       "L1 mean ± std", "L1 to truth", "mask area"]
-    truth, *edits = rows[2:]
-    assert truth[:3] == ["Smiling=1", "truth", "-"] and truth[7] == "0.000"     # the truth is its own truth
-    assert [r[2] for r in edits] == ["5", "20"] and all(float(r[7]) > 0 for r in edits)
-    report = json.loads((tmp_path / "cf.json").read_text())
-    assert report["args"]["seed"] == 3
-    result = report["rows"]
-    assert [r["strength"] for r in result] == ["truth", 0.3, 0.3]
-    assert all(0 <= r["mask_area"] <= 1 for r in result[1:]) and result[0]["n"] == 3
+def test_device_check_plan_and_unknown_steps(tmp_path):
+    """The plan fits one 10-minute device call with room for the machine's start; a step name it does not know
+    is refused before anything is written."""
+    plan = subprocess.run(["bash", DEVICE_CHECK, "--plan"], capture_output=True, text=True, timeout=30)
+    assert_ok(plan)
+    limits = dict(line.split()[:2] for line in plan.stdout.splitlines())
+    total = int(limits.pop("total"))
+    assert list(limits)[:2] == ["machine", "tests"] and list(limits)[-1] == "summary"
+    assert sum(map(int, limits.values())) == total <= 420
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", DEVICE_CHECK, "tests", "nosuch"], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, OUT=str(out)))
+    assert_user_error(proc, "unknown step 'nosuch'", "machine tests")
+    assert not out.exists()
 
 
 def test_sampling_benchmark(toy_run, tmp_path):
-    """Every config row, the per-step guided/unguided timing, and the oracle rates are fractions."""
+    """A row per sampler config, precision, scale and direction from the same noise; rates are fractions; the
+    Fréchet distances are finite; a second precision reports its difference from the first."""
     out, _ = toy_run
-    proc = run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm:10", "ddim:5",
-               "--num_samples", 2, "--batch_size", 2, "--step_repeats", 2, "--json", tmp_path / "s.json")
+    proc = run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddpm:10", "dpmpp2m:5",
+               "--scales", 5, "--num_samples", 3, "--fd_samples", 4, "--batch_size", 4, "--precisions", "fp32", "bf16",
+               "--json", tmp_path / "s.json")
     assert_ok(proc)
-    header, rows = table(proc.stdout)
-    assert header[:4] == ["sampler", "s/image guided", "s/image unguided", "guided/unguided time"]
-    assert list(rows) == ["DDPM-10", "DDIM-5"]
-    assert rows["DDPM-10"][4] == "1.0x" and float(rows["DDIM-5"][4].rstrip("x")) > 0     # speed-up vs the first
-    assert all(0 <= float(c.rstrip("%")) <= 100 for r in rows.values() for c in r[5:8])
-    assert "guided/unguided" in proc.stdout and "interleaved pairs" in proc.stdout
-    result = json.loads((tmp_path / "s.json").read_text())
-    step = result["step"]
-    assert step["repeats"] == 2 and step["guided_s"] > 0 and step["unguided_s"] > 0 and step["ratio"] > 0
-    assert 0 <= result["base_rate"] <= 1 and len(result["rows"]) == 2
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(r["sampler"], r["precision"], r["scale"], r["target"]) for r in rows] == [
+        (s, p, sc, t) for s in ("ddpm", "dpmpp2m") for p in ("fp32", "bf16") for sc, t in ((0, None), (5, 1), (5, 0))]
+    assert all(0 <= r["oracle_rate"] <= 1 and 0 <= r["guide_rate"] <= 1 and r["s_per_image"] > 0 for r in rows)
+    assert all(r["fd_oracle_features"] >= 0 for r in rows)
+    bf16 = [r for r in rows if r["precision"] == "bf16"]
+    assert all(0 < r["mean_abs_diff_to_first_precision"] < 0.5 for r in bf16)     # same noise: close, not equal
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| DDPM-10") or line.startswith("| DPMPP2M-5")]
+    assert len(table) == len(rows)
 
 
-def test_sampling_and_counterfactual_benchmarks_reject_bad_input(toy_run, tmp_path, capsys, monkeypatch):
+def test_sampling_benchmark_variants_are_their_formulas():
+    """--order shift_then_clip: x0_hat = clip(predict_x0(eps - sqrt(1 - abar) g)), eps recomputed from it;
+    --normalize: each sample's guidance has root mean square s."""
+    spec = importlib.util.spec_from_file_location("sampling_bench", os.path.join(ROOT, "benchmarks", "sampling.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    d = bench.ShiftThenClip()
+    x_t, t, eps, g = torch.randn(2, 3, 4, 4), torch.tensor([900, 100]), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    net = lambda x, tt: eps                                                      # noqa: E731
+    eps_hat, x0 = d.guided_eps_x0(net, x_t, t, lambda x, tt: 3 * g)
+    want = d.predict_x0(x_t, t, eps - (1 - d.alpha_bar(t)).sqrt().float() * 3 * g).clamp(-1, 1)
+    assert torch.allclose(x0, want, atol=1e-5) and x0.abs().max() <= 1
+    assert torch.allclose(eps_hat, d.predict_eps(x_t, t, want), atol=1e-4)
+    guide = NoisyClassifier(ClassifierConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_outputs=3,
+                                             target_index=1))
+    cond = bench.normalized_cond_fn(guide, 1, 0.25)(torch.randn(2, 3, 8, 8), torch.tensor([10, 500]))
+    assert torch.allclose(cond.flatten(1).square().mean(1).sqrt(), torch.full((2,), 0.25), atol=1e-5)
+
+
+def test_sampling_benchmark_rejects_bad_input(toy_run, tmp_path, capsys, monkeypatch):
     out, _ = toy_run
 
-    def bad(script, *args):
-        return run_here(script, "--device", "cpu", *args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    def bad(*args):
+        return run_here("benchmarks/sampling.py", "--device", "cpu", *args, cwd=tmp_path, capsys=capsys,
+                        monkeypatch=monkeypatch)
 
-    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", out, "--configs", "ddpm-10"), "--configs", "ddpm:1000")
-    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", out, "--configs", "ddpm:5000"), "ddpm:5000",
-                      "at most 100")
-    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", tmp_path), "diffusion_final.pth")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--strengths", 1.5), "--strengths", "[0, 1]")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--targets", 2), "--targets")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--mask_threshold", "nan"),
-                      "--mask_threshold must be in [0, 1)")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--scales", 10, "inf"),
-                      "--scales must be >= 0, got inf")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--resample", 0), "--resample must be > 0")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--invert"), "--invert", "--sampler ddim")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--preserve", -1), "--preserve must be >= 0")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--preserve", 0.1),
-                      "--preserve needs a guide that knows every attribute")
-    (tmp_path / "afile").write_text("x")
-    assert_user_error(bad("benchmarks/sampling.py", "--run_dir", out, "--json", tmp_path), "--json", "is a folder")
-    assert_user_error(bad("benchmarks/counterfactuals.py", "--run_dir", out, "--json", tmp_path / "afile" / "r.json"),
-                      "cannot write", "afile")
-    assert_user_error(bad("benchmarks/train_throughput.py", "--json", tmp_path / "afile" / "r.json"),
-                      "cannot write", "afile")
-    assert_user_error(bad("benchmarks/train_throughput.py", "--attn_resolutions", "12", "--count_only"),
-                      "--attn_resolutions 12 is not a feature-map side", "64, 32, 16, 8")
+    assert_user_error(bad("--run_dir", out, "--configs", "ddpm-10"), "--configs", "ddpm:100")
+    assert_user_error(bad("--run_dir", out, "--configs", "euler:10"), "--configs", "dpmpp2m")
+    assert_user_error(bad("--run_dir", tmp_path), "diffusion_final.pth")
+    assert_user_error(bad("--run_dir", tmp_path / "nowhere"), "--run_dir", "not a folder")
+    assert_user_error(bad("--run_dir", out, "--scales", 10, "inf"), "--scales must be >= 0, got inf")
+    assert_user_error(bad("--run_dir", out, "--fd_samples", -1), "--fd_samples must be >= 0")
+    assert_user_error(bad("--run_dir", out, "--json", tmp_path), "--json", "is a folder")
 
 
 def test_stage_device_site(tmp_path):
@@ -243,6 +262,9 @@ def test_stage_device_site(tmp_path):
         assert_user_error(proc, INSTALL_HINT)
         return
     assert_ok(proc)
+    mib = float(re.search(r": ([\d.]+) MiB", proc.stdout).group(1))                # it must travel with the tree
+    assert 0 < mib < 64 and sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20 == \
+        pytest.approx(mib, abs=0.1)
     staged = {p.name for p in out.iterdir()}
     assert {"diffusers", "huggingface_hub", "safetensors"} <= staged
     assert not staged & {"torch", "numpy", "PIL", "hf_xet"} and not list(out.rglob("__pycache__"))

@@ -10,12 +10,12 @@ import torch
 
 import common
 from common import UserError, atomic_torch_save, load_checkpoint
-from fakes import ROOT, TINY, assert_ok, assert_user_error, run, snapshot
+from fakes import ROOT, TINY, assert_ok, assert_user_error, run, run_here, snapshot
 
-# diffusion only, so each run is a few seconds; 2 epochs x 6 steps, last.pth every 2 steps
+# diffusion only, so each run is a few seconds; 2 epochs x 6 steps (100 images), last.pth every 2 steps
 QUICK = ["--dataset", "toyfaces", *TINY, "--classifier_epochs", 0, "--oracle_epochs", 0, "--diffusion_epochs", 2,
-         "--max_steps_per_epoch", 6, "--subset_fraction", 0.02, "--checkpoint_every", 2, "--sample_every", 0,
-         "--dropout", 0.1, "--precision", "fp32"]
+         "--max_steps_per_epoch", 6, "--subset_fraction", 0.005, "--checkpoint_every", 2, "--sample_every", 0,
+         "--dropout", 0.1, "--precision", "fp32", "--num_workers", 0]
 
 
 def popen(out, *extra):
@@ -45,18 +45,26 @@ def weights(path):
     return {**{"model." + k: v for k, v in ckpt["model"].items()}, **{"ema." + k: v for k, v in ckpt["ema"].items()}}
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, precision):
+    """Killed mid-epoch and resumed from last.pth: bit-identical weights. Under fp16 the GradScaler's state
+    (its scale and growth tracker) is in last.pth and is restored with the rest."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run("train.py", *QUICK, "--output_dir", straight)
+    proc = run("train.py", *QUICK, "--precision", precision, "--save_every", 1, "--output_dir", straight)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"fp32": "on cpu, fp32;", "fp16": "on cpu, float16;"}[precision] in proc.stdout
 
-    p = popen(killed, "--checkpoint_every", 1)
-    wait_for_step(p, killed, 3)                                   # epoch 1 has steps 0-5: this is mid-epoch
+    p = popen(killed, "--precision", precision, "--save_every", 1, "--checkpoint_every", 1)
+    wait_for_step(p, killed, 2)                                   # epoch 1 has steps 0-5: this is mid-epoch
     p.send_signal(signal.SIGKILL)
     p.wait()
     state = torch.load(killed / "last.pth", weights_only=True)
     assert state["stage"] == "diffusion" and state["epoch"] == 0 and 0 < state["batch"] < 6
-    assert not (killed / "diffusion_final.pth").exists()
+    assert "state" in state["optimizer"] and not (killed / "diffusion_final.pth").exists()
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    else:
+        assert state["scaler"] == {}                              # no scaler without fp16
 
     resumed = run("train.py", "--resume", "auto", "--output_dir", killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -68,6 +76,11 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k                         # bit-identical
     assert torch.load(killed / "diffusion_final.pth", weights_only=True)["epoch"] == 2
+    scalers = [torch.load(out / "last.pth", weights_only=True)["scaler"] for out in (straight, killed)]
+    assert scalers[0] == scalers[1]                               # the scaler continued, not restarted
+    # it trained: epoch 2 moved the weights on from epoch 1
+    epoch1 = weights(straight / "diffusion_epoch_1.pth")
+    assert not torch.equal(epoch1["model.conv_out.weight"], a["model.conv_out.weight"])
 
 
 def test_sigint_saves_resumable_state_and_resume_finishes(tmp_path):
@@ -80,7 +93,7 @@ def test_sigint_saves_resumable_state_and_resume_finishes(tmp_path):
     assert "Traceback" not in stderr
     assert "continue with: python train.py --resume auto" in stdout
     state = torch.load(out / "last.pth", weights_only=True)
-    assert state["step"] >= 2 and state["kind"] == "train_state" and set(state["rng"][0]) >= {"python", "torch", "numpy"}
+    assert state["step"] >= 2 and state["kind"] == "train_state" and set(state["rng"][0]) == {"torch"}          # what training draws from
     # the resumed run continues past the saved step (and can be stopped again)
     p2 = popen(out, "--diffusion_epochs", 50, "--resume", "auto")        # QUICK's other flags are the run's own
     wait_for_step(p2, out, state["step"] + 1)
@@ -90,84 +103,95 @@ def test_sigint_saves_resumable_state_and_resume_finishes(tmp_path):
     assert last_step(out) > state["step"]
 
 
-def test_refuses_to_overwrite_an_earlier_run(tmp_path):
-    out = tmp_path / "run"
+def here(script, *args, tmp_path, capsys, monkeypatch):
+    """A script's main() in this process: for runs that need no signals, without an interpreter's start-up."""
+    return run_here(script, *args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path, capsys, monkeypatch):
+    out, ctx = tmp_path / "run", dict(tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     out.mkdir()
     (out / "diffusion_final.pth").write_bytes(b"precious")
     (out / "last.pth").write_bytes(b"the earlier run's state")
     (out / "train_log.jsonl").write_text('{"stage": "earlier"}\n')
-    proc = run("train.py", *QUICK, "--output_dir", out)
-    assert_user_error(proc, "already holds diffusion_final.pth", "--resume auto", "--overwrite")
-    proc = run("train.py", *QUICK, "--output_dir", out, "--overwrite", "--dataset", "celeba", "--data_root",
-               tmp_path / "nowhere")                                      # bad input: --overwrite removes nothing
-    assert proc.returncode == 2 and "CelebA not found" in proc.stderr
-    assert (out / "diffusion_final.pth").read_bytes() == b"precious"
-    assert (out / "last.pth").read_bytes() == b"the earlier run's state"
-    proc = run("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
-               "--overwrite")
+    before = snapshot(tmp_path)
+    proc = here("train.py", *QUICK, "--output_dir", out, **ctx)
+    assert_user_error(proc, "already holds diffusion_final.pth, last.pth", "--resume auto", "--overwrite")
+    proc = here("train.py", *QUICK, "--output_dir", out, "--overwrite", "--dataset", "celeba", "--data_root",
+                tmp_path / "nowhere", **ctx)                              # bad input: --overwrite removes nothing
+    assert_user_error(proc, "CelebA not found")
+    assert snapshot(tmp_path) == before
+    proc = here("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
+                "--overwrite", **ctx)
     assert_ok(proc)
     assert "removed the earlier run's last.pth and train_log.jsonl" in proc.stdout
     assert "earlier" not in (out / "train_log.jsonl").read_text()          # a fresh log, not the old one continued
     assert (out / "diffusion_final.pth").read_bytes() != b"precious"
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 1
 
 
-def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path):
-    out = tmp_path / "run"
-    assert run("train.py", *QUICK, "--diffusion_epochs", 1, "--output_dir", out).returncode == 0
+def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path, capsys, monkeypatch):
+    out, ctx = tmp_path / "run", dict(tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert_ok(here("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 2, "--output_dir", out, **ctx))
     before = snapshot(out)
-    proc = run("train.py", "--resume", "auto", "--output_dir", out, "--attribute", "Young")
+    proc = here("train.py", "--resume", "auto", "--output_dir", out, "--attribute", "Young", **ctx)
     assert_user_error(proc, "--attribute Young differs from the resumed run's Smiling", "drop --attribute")
-    proc = run("train.py", "--resume", "auto", "--output_dir", out, "--diffusion_epochs", 3)
+    proc = here("train.py", "--resume", "auto", "--output_dir", out, "--diffusion_epochs", 3, **ctx)
     assert_user_error(proc, "--diffusion_epochs 3 differs from the resumed run's 1")
+    proc = here("train.py", "--resume", "auto", "--output_dir", out, "--precision", "fp16", **ctx)
+    assert_user_error(proc, "--precision fp16 differs from the resumed run's fp32")
     assert snapshot(out) == before
     # the run's own values, and flags that do not change the weights, are accepted
-    proc = run("train.py", *QUICK, "--diffusion_epochs", 1, "--checkpoint_every", 5, "--log_every", 3,
-               "--resume", "auto", "--output_dir", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = here("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 2, "--checkpoint_every", 5,
+                "--save_every", 3, "--num_workers", 1, "--resume", "auto", "--output_dir", out, **ctx)
+    assert_ok(proc)
+    assert "resuming diffusion at epoch 2, batch 0, step 2" in proc.stdout
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     quick = [str(a) for a in QUICK]
     quick[quick.index("--classifier_epochs") + 1] = "1"
-    proc = run("train.py", *quick, "--lr", "1e30", "--output_dir", out)   # the classifier is fine, diffusion blows up
-    assert_user_error(proc, "diffusion", "NaN/Inf", "epoch 1, step")
+    proc = here("train.py", *quick, "--lr", "1e30", "--output_dir", out, tmp_path=tmp_path, capsys=capsys,
+                monkeypatch=monkeypatch)                                    # the classifier is fine, diffusion is not
+    assert_user_error(proc, "diffusion: the loss became NaN/Inf at step", "last good checkpoint is kept")
     good = torch.load(out / "last.pth", weights_only=True)
     assert good["stage"] == "classifier"                          # the classifier stage's final state is kept
     assert (out / "classifier_best.pth").is_file() and not (out / "diffusion_final.pth").exists()
     assert all(torch.isfinite(v).all() for v in good["modules"]["model"].values() if v.is_floating_point())
 
 
-def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
-    marker = tmp_path / "pwned"
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    marker, ctx = tmp_path / "pwned", dict(tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"format": "guidedemotion", "format_version": 1, "kind": "diffusion", "x": Evil()}, tmp_path / "evil.pth")
+    torch.save({"format": "guidedemotion", "format_version": 2, "kind": "diffusion", "x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(UserError, match="refused by the safe loader"):
         load_checkpoint(str(tmp_path / "evil.pth"), "diffusion")
-    proc = run("generate.py", "--diffusion_model", tmp_path / "evil.pth", "--device", "cpu", cwd=tmp_path)
+    proc = here("generate.py", "--diffusion_model", tmp_path / "evil.pth", "--device", "cpu", **ctx)
     assert_user_error(proc, "refused by the safe loader", "GLOBAL")
-    proc = run("train.py", "--resume", tmp_path / "evil.pth", "--output_dir", tmp_path, cwd=tmp_path)
+    proc = here("train.py", "--resume", tmp_path / "evil.pth", "--output_dir", tmp_path, **ctx)
     assert_user_error(proc, "refused by the safe loader")
     assert not marker.exists()
 
 
-def test_damaged_and_old_checkpoints(tmp_path):
-    good = {"format": "guidedemotion", "format_version": 1, "kind": "train_state", "w": torch.ones(1000)}
+def test_damaged_and_old_checkpoints(tmp_path, capsys, monkeypatch):
+    ctx = dict(tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    good = {"format": "guidedemotion", "format_version": 2, "kind": "train_state", "w": torch.ones(1000)}
     torch.save(good, tmp_path / "last.pth")
     data = (tmp_path / "last.pth").read_bytes()
     (tmp_path / "last.pth").write_bytes(data[:len(data) // 3])                   # truncated on disk
-    proc = run("train.py", "--resume", "auto", "--output_dir", tmp_path)
-    assert_user_error(proc, "last.pth", "corrupt or truncated")
-    torch.save({**good, "format_version": 0}, tmp_path / "old.pth")
-    with pytest.raises(UserError, match="format version 0"):
+    assert_user_error(here("train.py", "--resume", "auto", "--output_dir", tmp_path, **ctx), "last.pth",
+                      "corrupt or truncated")
+    torch.save({**good, "format_version": 1}, tmp_path / "old.pth")              # written before the redesign
+    with pytest.raises(UserError, match="format version 1, this code reads version 2; retrain"):
         load_checkpoint(str(tmp_path / "old.pth"))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert_user_error(run("train.py", "--resume", "auto", "--output_dir", empty), "no last.pth", "without --resume")
+    assert_user_error(here("generate.py", "--diffusion_model", "old.pth", "--device", "cpu", **ctx), "old.pth",
+                      "format version 1", "retrain")
+    assert sorted(os.listdir(tmp_path)) == ["last.pth", "old.pth"]
 
 
 def test_random_bytes_are_always_a_clean_corrupt_error(tmp_path):
@@ -196,9 +220,10 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["diffusion_final.pth"]              # no temp file left behind
 
 
-def test_unwritable_output_is_caught_before_training(tmp_path):
+def test_unwritable_output_is_caught_before_training(tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
     before = snapshot(tmp_path)
-    proc = run("train.py", *QUICK, "--output_dir", tmp_path / "afile" / "run")
+    proc = here("train.py", *QUICK, "--output_dir", tmp_path / "afile" / "run", tmp_path=tmp_path, capsys=capsys,
+                monkeypatch=monkeypatch)
     assert_user_error(proc, "cannot write to output folder")
     assert proc.stdout == "" and snapshot(tmp_path) == before
