@@ -9,12 +9,12 @@ import time
 from functools import partial
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from common import ArgumentParser, UserError, amp_dtype, autocast, resolve_device, run_main, to_uint8
-from dataset import preprocess_pil, to_float
+from dataset import load_image_file, preprocess_pil, to_float
 from generate import (EDIT_DEFAULTS, RUN_FILES, SAMPLE_DEFAULTS, difference_map, generate_images, guide_probabilities,
-                      load_models, make_counterfactuals, oracle_probabilities, run_split)
+                      hit_rate, load_models, make_counterfactuals, oracle_probabilities, run_split)
 
 MAX_PIXELS, WORD, YES = 25_000_000, ("absent", "present"), ("no", "yes")   # larger uploads are refused unread
 CSS = ".image-container img { width: 100%; height: 100%; object-fit: contain } img { image-rendering: pixelated }"
@@ -26,14 +26,19 @@ def load_face(image, size: int) -> torch.Tensor:
     image = image.get("path") if isinstance(image, dict) else image
     if image is None:
         raise UserError("no face given; upload an image or click one of the test faces")
+    if isinstance(image, Image.Image):
+        return to_float(torch.from_numpy(preprocess_pil(image, size)).permute(2, 0, 1)[None])
     try:
-        img = image if isinstance(image, Image.Image) else Image.open(image)        # reads only the header
-        if img.width * img.height > MAX_PIXELS:
-            raise UserError(f"image {img.width}x{img.height} is over {MAX_PIXELS / 1e6:g} MP; upload a smaller one")
-        x = preprocess_pil(ImageOps.exif_transpose(img), size)                          # (S,S,3) uint8
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with Image.open(image) as img:                                        # reads only the header
+            pixels = img.width * img.height
+    except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"the upload is not a readable image ({type(e).__name__}); upload a PNG or JPEG face") from None
-    return to_float(torch.from_numpy(x).permute(2, 0, 1)[None])                        # (1,3,S,S)
+    if pixels > MAX_PIXELS:
+        raise UserError(f"image {img.width}x{img.height} is over {MAX_PIXELS / 1e6:g} MP; upload a smaller one")
+    try:
+        return to_float(load_image_file(image, size)[None])                   # (1,3,S,S)
+    except UserError as e:
+        raise UserError(f"the upload is not a readable image ({e}); upload a PNG or JPEG face") from None
 
 
 def parse_scales(text) -> list:
@@ -71,7 +76,7 @@ def sample(m, target: int, scales=SAMPLE_SCALES, n=8, seed=0) -> dict:
         x = generate_images(m, int(target), s, n=int(n), sampler=SAMPLE_DEFAULTS["sampler"], seed=seed,
                             steps=SAMPLE_DEFAULTS["steps"], amp=autocast(m.device, amp_dtype(m.device)))
         p = oracle_probabilities(m, x)[:, m.target_index]                              # (N,) p(present)
-        rates[s] = ((p > 0.5) == bool(target)).float().mean().item()
+        rates[s] = hit_rate(p, int(target))
         images += [(Image.fromarray(a), f"s={s:g} p={q:.2f}") for a, q in zip(to_uint8(x), p.tolist())]
     seconds, rated = time.perf_counter() - t_begin, ", ".join(f"{r:.0%} at scale {s:g}" for s, r in rates.items())
     return {"images": images, "rates": rates, "seconds": seconds,

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -92,7 +93,10 @@ def make_cond_fn(classifier: NoisyClassifier, target, guidance_scale, keep=None,
 
     def cond_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         y, s, kept, held = constants(x_t.device)
-        with torch.enable_grad():
+        device = x_t.device.type              # a confident guide's gradient underflows in fp16: fp32 there instead
+        fp16 = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and \
+            torch.get_autocast_dtype(device) == torch.float16
+        with torch.enable_grad(), torch.autocast(device, enabled=False) if fp16 else contextlib.nullcontext():
             x_in = x_t.detach().requires_grad_(True)
             logits = classifier(x_in, t).float()                               # (B, A)
             lp = log_prob(logits[:, k], y.expand(x_t.shape[0]))                # (B,)

@@ -159,7 +159,7 @@ def _json_default(o):
         return o.tolist()
     if hasattr(o, "item"):
         return o.item()
-    if isinstance(o, (set, tuple)):
+    if isinstance(o, set):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
@@ -232,7 +232,8 @@ def amp_dtype(device: torch.device, precision: str = "auto"):
     if precision == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()    # not emulated
+        return torch.bfloat16 if device.type == "cpu" and native else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 

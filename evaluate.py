@@ -141,7 +141,7 @@ def run_counterfactuals(args, m, fn, amp) -> dict:
     """Per direction and pooled (n-weighted means; CD and Fréchet distances of the pooled pairs, as the papers)."""
     recipe = {k: getattr(args, k) for k in ("strength", "preserve", "sampler") if getattr(args, k) is not None}
     recipe["steps"] = args.steps or EDIT_DEFAULTS["steps"]
-    labels = (t := run_split(m, "train")).attrs[:, [t.attr_names.index(a) for a in m.attr_names]]  # oracle's order
+    labels = (t := run_split(m, "train")).attrs[:, [t.attr_names.index(a) for a in m.attr_names]]  # as the models
     rows, pool, k = {}, [], m.target_index
     for target in (1, 0):
         x, names = dataset_inputs(m, args.n, target, None)

@@ -109,12 +109,14 @@ def check_args(args, parser) -> bool:
     given = parser.given()                  # a flag written out that would do nothing here is a mistake to report
     idle = {"strength": not cf_mode, "invert": not cf_mode, "no_localize": not cf_mode, "preserve": not cf_mode,
             "mask_threshold": not cf_mode or args.no_localize, "num_samples": cf_mode,
+            "data_root": args.from_dataset is None,
             "guidance_scale": args.no_guidance}
     for flag, does_nothing in idle.items():
         if does_nothing and flag in given:
             why = {"num_samples": "sets the number of samples from noise; counterfactuals make one per input image",
                    "guidance_scale": "sets guidance, which --no_guidance turns off",
-                   "mask_threshold": "shapes the localisation mask of counterfactuals"}.get(
+                   "mask_threshold": "shapes the localisation mask of counterfactuals",
+                   "data_root": "is where --from_dataset reads the test split"}.get(
                 flag, "works on --input/--from_dataset counterfactuals")
             raise UserError(f"--{flag} {why}, so it would do nothing in this run; drop it")
     if not 0.0 <= args.mask_threshold < 1.0:
@@ -242,7 +244,7 @@ def encode(m, x0: torch.Tensor, t_start: int, *, invert=False, steps=None, seed=
         if invert:
             x_t = m.diffusion.ddim_invert(m.net, x, t_start, steps)
         else:
-            g = torch.Generator(device=m.device).manual_seed(seed * 100003 + i)
+            g = torch.Generator(device=m.device).manual_seed(2 ** 50 + seed * 100003 + i)   # not the sampler's stream
             t = torch.full((x.shape[0],), t_start, device=m.device, dtype=torch.long)
             x_t = m.diffusion.q_sample(x, t, torch.randn(x.shape, generator=g, device=m.device))
         out.append(x_t.float().cpu())
@@ -273,14 +275,15 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
     it the output is the input, pixel for pixel. With ``invert``: DDIM inversion, no clipping and fp32
     throughout, so that an unguided edit gives the input back. ``sample_kw``: seed, batch_size, amp.
     -> (N,3,S,S) counterfactuals, (N,1,S,S) masks (ones without ``localize``), (N,) the scale each used."""
-    scales = EDIT_DEFAULTS["guidance_scale"] if scales is None else scales
+    scales, x_in = EDIT_DEFAULTS["guidance_scale"] if scales is None else scales, x_in.cpu()
     sample_kw.update(sampler=sampler, steps=steps)
     t0, n = round(strength * m.diffusion.num_timesteps) - 1, x_in.shape[0]
     out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
     if t0 < 0:                                                # strength 0: the inputs themselves
         return out, masks, used
-    if invert:
+    if invert:                    # fp32 (no autocast, and no TF32 convolutions, on by default on Ampere and later)
         sample_kw.update(clip=False, amp=None)
+        torch.backends.cudnn.allow_tf32 = False
     keep = guide_probabilities(m, x_in) if preserve > 0 else None        # the soft targets --preserve holds
     x_t0 = encode(m, x_in, t0, invert=invert, steps=steps, seed=sample_kw.get("seed", 0),
                   batch_size=sample_kw.get("batch_size", 64))
@@ -307,6 +310,11 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
 
 # ----------------------------------------------------------------------------------------------
 # Judging
+
+
+def hit_rate(p: torch.Tensor, target: int) -> float:
+    """The share of images whose p(attribute present) puts them on the target's side of 0.5."""
+    return ((p > 0.5) == bool(target)).float().mean().item()
 
 
 @torch.no_grad()
@@ -337,12 +345,11 @@ def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, 
     l1 = ((x - x_cf).abs() / 2).flatten(1).mean(1)                               # (N,)
     out = {"n": int(x.shape[0]), "l1_mean": l1.mean().item(), "l1_std": l1.std(unbiased=False).item()}
     if m.guide is not None:
-        p = guide_probabilities(m, x_cf)[:, m.guide.cfg.target_index]
-        out["flip_rate_guide"] = ((p > 0.5) == bool(target)).float().mean().item()
+        out["flip_rate_guide"] = hit_rate(guide_probabilities(m, x_cf)[:, m.guide.cfg.target_index], target)
     if m.oracle is not None:
         o_before = oracle_probabilities(m, x) if o_before is None else o_before
         o_after = oracle_probabilities(m, x_cf) if o_after is None else o_after
-        out["flip_rate_oracle"] = ((o_after[:, m.target_index] > 0.5) == bool(target)).float().mean().item()
+        out["flip_rate_oracle"] = hit_rate(o_after[:, m.target_index], target)
         changed = (o_before > 0.5) != (o_after > 0.5)                              # (N,A)
         others = [i for i in range(changed.shape[1]) if i != m.target_index]
         out["mnac"] = changed[:, others].float().sum(1).mean().item()
@@ -406,10 +413,6 @@ def difference_map(x: torch.Tensor, x_cf: torch.Tensor) -> np.ndarray:
     return np.stack([heatmap(di / max(di.max(), 1e-3)) for di in d])
 
 
-def _pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(to_uint8(x[None])[0])
-
-
 def write_files(folder: str, json_path: str, files: dict) -> None:
     """Write ``files`` {name: (3,S,S) image} into the sample folder, and remove the per-sample images that an
     earlier run with the same --output listed in its .json and this run does not write."""
@@ -419,7 +422,7 @@ def write_files(folder: str, json_path: str, files: dict) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
     for name, x in files.items():
-        atomic_save_image(_pil(x), os.path.join(folder, name))
+        atomic_save_image(Image.fromarray(to_uint8(x[None])[0]), os.path.join(folder, name))
     stale = [os.path.join(folder, f) for f in sorted(earlier - set(files)) if os.path.isfile(os.path.join(folder, f))]
     for path in stale:
         os.remove(path)
@@ -432,14 +435,12 @@ def report_samples(m, results: dict, target: int, names: str) -> tuple:
     summary, records, tiles = {}, [], []
     for scale, x in results.items():
         s, p_guide, p_oracle = {"n": x.shape[0]}, None, None
-        if m.guide is not None:
-            p = guide_probabilities(m, x)[:, m.guide.cfg.target_index]
-            p_guide = p if target == 1 else 1 - p
-            s.update(guide_target_rate=(p_guide > 0.5).float().mean().item(), guide_mean_p=p_guide.mean().item())
+        if m.guide is not None:                              # p(target) = p(present), or 1 - it toward 0
+            p_guide = (guide_probabilities(m, x)[:, m.guide.cfg.target_index] - 1 + target).abs()
+            s.update(guide_target_rate=hit_rate(p_guide, 1), guide_mean_p=p_guide.mean().item())
         if m.oracle is not None:
-            p = oracle_probabilities(m, x)[:, m.target_index]
-            p_oracle = p if target == 1 else 1 - p
-            s.update(oracle_target_rate=(p_oracle > 0.5).float().mean().item(), oracle_mean_p=p_oracle.mean().item())
+            p_oracle = (oracle_probabilities(m, x)[:, m.target_index] - 1 + target).abs()
+            s.update(oracle_target_rate=hit_rate(p_oracle, 1), oracle_mean_p=p_oracle.mean().item())
         summary["unguided" if scale == 0 else f"scale_{scale:g}"] = s
         for i in range(x.shape[0]):
             records.append({"index": i, "scale": scale, "file": names.format(scale=scale, i=i),

@@ -47,8 +47,8 @@ OUTPUT_FILES = ("classifier_best.pth", "oracle_best.pth", "diffusion_final.pth",
 NOT_RESUMED = ("resume", "overwrite", "output_dir", "cache_dir")
 # and a flag given with --resume must equal the saved one, except these: where and how the process runs, and
 # how often it samples and saves (sampling during training has its own generator)
-ADJUSTABLE_ON_RESUME = ("device", "num_workers", "data_root", "download", "compile", "save_every", "sample_every",
-                        "checkpoint_every")
+ADJUSTABLE_ON_RESUME = ("device", "precision", "num_workers", "data_root", "download", "compile", "save_every",
+                        "sample_every", "checkpoint_every")
 ORACLE_LR = 1e-3                        # AdamW, weight decay 0.05 (as the guide's); BatchNorm takes the larger rate
 GRAD_CLIP = 1.0                         # gradient-norm clipping, every network
 LOG_EVERY = 50                          # steps between progress-bar losses, NaN checks and (DDP) stop checks
@@ -119,6 +119,8 @@ def check_args(args) -> None:
         raise UserError(f"--subset_fraction must be in (0, 1], got {args.subset_fraction}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.classifier_channels < 2:
+        raise UserError(f"--classifier_channels must be >= 2 (the oracle takes half), got {args.classifier_channels}")
     if args.image_size < 16:
         raise UserError(f"--image_size {args.image_size} is too small; use at least 16")
     problem = unet_config(args).check()
@@ -297,7 +299,8 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     for name, m in modules.items():
         unwrap(m).load_state_dict(rs["modules"][name])
     optimizer.load_state_dict(rs["optimizer"])
-    scaler.load_state_dict(rs["scaler"])
+    if scaler.is_enabled() and rs["scaler"]:            # fp16 before and now (--precision may resolve otherwise here)
+        scaler.load_state_dict(rs["scaler"])
     state.update(rs["state"])
     set_rng_state(rs["rng"][run.rank] if run.rank < len(rs["rng"]) else rs["rng"][0], run.device)
     if run.main:
@@ -311,15 +314,15 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
 
 
 def unwrap(model):
-    model = getattr(model, "module", model)            # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)          # torch.compile
+    return getattr(model, "module", model)             # the plain module inside DistributedDataParallel
 
 
 def wrap(model, run: Run):
-    """The device's layout + optional torch.compile + DDP around the plain module (which is what gets saved)."""
+    """The device's layout, torch.compile in place (its state dict stays the plain module's), then DDP around it
+    (compiling the inner module, as PyTorch's "Where to apply torch.compile?" advises)."""
     model = model.to(run.device, memory_format=memory_format_for(run.device))
     if run.args.compile:
-        model = torch.compile(model)
+        model.compile()
     if run.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -341,15 +344,20 @@ def epoch_order(n: int, seed: int, stage: str, epoch: int, rank: int, world: int
     return torch.tensor(list(sampler), dtype=torch.long)
 
 
-def batches(run, split, stage: str, epoch: int, start: int, stop: int):
-    """This rank's batches start..stop-1 of one epoch: (x (B,3,S,S) in [-1, 1], flipped at random, in the device's
-    layout; attrs (B,A)). The split sits on the GPU when it takes under a quarter of its memory, else each batch
-    is copied from pinned memory; the epoch's order is copied once, so a step makes no host-device copy."""
-    device, bs = run.device, run.args.batch_size
-    images, attrs = split.images, split.attrs.to(device)
+def placed(run, split) -> tuple:
+    """The split's images and labels where training reads them: the images on the GPU when they take under a
+    quarter of its memory (else each batch is copied from pinned memory), the labels on the device."""
+    images, device = split.images, run.device
     if device.type == "cuda" and images.numel() < 0.25 * torch.cuda.get_device_properties(device).total_memory:
         images = images.to(device)
-    order = epoch_order(len(split), run.args.seed, stage, epoch, run.rank, run.world)
+    return images, split.attrs.to(device)
+
+
+def batches(run, images, attrs, stage: str, epoch: int, start: int, stop: int):
+    """This rank's batches start..stop-1 of one epoch of ``placed`` data: (x (B,3,S,S) in [-1, 1], flipped at random,
+    in the device's layout; attrs (B,A)). The epoch's order is copied once, so a step makes no host-device copy."""
+    device, bs = run.device, run.args.batch_size
+    order = epoch_order(len(images), run.args.seed, stage, epoch, run.rank, run.world)
     order_images, order_attrs = order.to(images.device), order.to(device)
     for b in range(start, stop):
         xb = images[order_images[b * bs:(b + 1) * bs]]
@@ -370,11 +378,11 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
     if steps_per_epoch == 0:
         raise UserError(f"{stage}: {len(split)} training images are fewer than one batch of {args.batch_size} per "
                         f"process; lower --batch_size")
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)        # step of the first non-finite loss
+    first_bad, data = torch.full((), -1, dtype=torch.long, device=device), placed(run, split)  # first NaN step
     for epoch in range(start_epoch, epochs):
         model.train()
         t0, loss_sum, n = time.time(), torch.zeros((), device=device), 0
-        bar = tqdm(batches(run, split, stage, epoch, start_batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/"
+        bar = tqdm(batches(run, *data, stage, epoch, start_batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/"
                    f"{epochs}", initial=start_batch, total=steps_per_epoch, disable=not run.main, leave=False)
         for b, (x, attrs) in enumerate(bar, start_batch):
             for group in optimizer.param_groups:
@@ -446,7 +454,7 @@ def eval_timesteps(T: int) -> tuple:
 
 @torch.no_grad()
 def accuracy(run, split, predict, batch_size=256) -> torch.Tensor:
-    """Per-attribute accuracy of ``predict(x0, i) -> logits (B,A)`` on the clean images of ``split``. -> (A,)"""
+    """Per-attribute accuracy of ``predict(x0, i) -> logits (B,A)``, given the clean images of ``split``. -> (A,)"""
     correct = 0
     for i in range(0, len(split), batch_size):
         with run.autocast:

@@ -41,7 +41,7 @@ from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_d
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402
-from train import batches  # noqa: E402
+from train import batches, placed  # noqa: E402
 from train_throughput import add_unet_args, checked_unet_config, make_train_step, sync  # noqa: E402
 
 WARMUP_STEPS = 2          # untimed training steps at the start of each measured run
@@ -87,7 +87,7 @@ def finish(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
 def cache_batches(split, device: torch.device, bs: int, epoch: int):
     """``train.batches`` over one epoch of ``split`` on ``device``, for one process: (x, attrs) batches."""
     run = SimpleNamespace(device=device, rank=0, world=1, args=SimpleNamespace(batch_size=bs, seed=0))
-    return batches(run, split, "diffusion", epoch, 0, len(split) // bs)
+    return batches(run, *placed(run, split), "diffusion", epoch, 0, len(split) // bs)
 
 
 def jpeg_pass(ds: JpegFaces, bs: int) -> tuple:
