@@ -244,7 +244,8 @@ def encode(m, x0: torch.Tensor, t_start: int, *, invert=False, steps=None, seed=
         if invert:
             x_t = m.diffusion.ddim_invert(m.net, x, t_start, steps)
         else:
-            g = torch.Generator(device=m.device).manual_seed(2 ** 50 + seed * 100003 + i)   # not the sampler's stream
+            # its own stream, not the sampler's (seed * 100003 + i): 2^31 apart even where CPU generators keep 32 bits
+            g = torch.Generator(device=m.device).manual_seed(seed * 100003 + i + 2 ** 31)
             t = torch.full((x.shape[0],), t_start, device=m.device, dtype=torch.long)
             x_t = m.diffusion.q_sample(x, t, torch.randn(x.shape, generator=g, device=m.device))
         out.append(x_t.float().cpu())

@@ -176,6 +176,10 @@ def test_encode_is_q_sample_at_t_start():
     assert torch.equal(encode(m, x0, 49, seed=3, batch_size=4), x_t)
     assert not torch.equal(encode(m, x0, 49, seed=4, batch_size=4), x_t)
     assert torch.equal(encode(m, x0, -1), x0)
+    # not the noise the sampler then draws for the same batch (generate_images seeds batch i with seed * 100003 + i):
+    # reused, a DDPM step would add the same eps twice
+    first_draw = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3 * 100003))
+    assert (eps[:4].float() - first_draw).abs().mean() > 0.5
 
 
 def test_edit_mask_closed_form():
