@@ -146,9 +146,10 @@ def print_table(rows: list, attribute: str) -> None:
           f"| mean abs diff |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         toward = "unguided (share with it)" if r["target"] is None else str(r["target"])
+        fd, diff = r.get("fd_oracle_features"), r.get("mean_abs_diff_to_first_precision")     # absent: not measured
         print(f"| {r['sampler'].upper()}-{r['steps']} | {r['precision']} | {r['scale']:g} | {toward} | "
               f"{r['s_per_image']:.3f} | {r['oracle_rate']:.1%} | {r['guide_rate']:.1%} | "
-              f"{r.get('fd_oracle_features', float('nan')):.3f} | {r.get('mean_abs_diff_to_first_precision', float('nan')):.4f} |")
+              f"{'–' if fd is None else f'{fd:.3f}'} | {'–' if diff is None else f'{diff:.4f}'} |")
 
 
 if __name__ == "__main__":
