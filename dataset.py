@@ -523,8 +523,8 @@ def load_split(dataset: str, split: str, image_size: int, data_root: str = "./da
            "subset_fraction": subset_fraction, "seed": seed, "version": CACHE_VERSION}
     if dataset == "celeba":
         files = _find_celeba(data_root, download)
-        # a changed label or split (the annotation files' bytes, ~0.1 s to hash for CelebA) is a new key; an image
-        # edited in place under its old name is not (the README says so)
+        # a changed label or split (the annotation files' bytes) is a new key; an image edited in place under its
+        # old name is not (docs/reliability.md says so)
         if cache_dir is not None:
             key.update(root=os.path.abspath(data_root), attr_sha1=_file_sha1(files["attr"]),
                        partition_sha1=_file_sha1(files["partition"]))

@@ -1,8 +1,8 @@
 """Generate faces toward an attribute, or counterfactuals of given faces, and judge them independently.
 
-Sample from noise (the seed's commands):
+Sample from noise (at the measured default scale):
     python generate.py --target_label 1 --num_samples 16
-    python generate.py --target_label 0 --guidance_scale 3.0 --num_samples 16
+    python generate.py --target_label 0 --num_samples 16
     python generate.py --no_guidance --num_samples 16
 Counterfactuals of given images (the same face, changed in the attribute; the measured recipe by default):
     python generate.py --input face.jpg photos/ --target_label 1

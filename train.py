@@ -1,6 +1,6 @@
 """Train the guiding classifier, the oracle and the diffusion model, in that order.
 
-Demo on the embedded toyfaces data (CPU, about 15 minutes; the README's first command):
+Demo on the embedded toyfaces data (CPU; the README's first command):
     python train.py --dataset toyfaces --image_size 32 --base_channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
         --attn_resolutions 8 --dropout 0 --classifier_channels 32 --classifier_epochs 5 --oracle_epochs 6 \
         --diffusion_epochs 6 --batch_size 64 --lr 1e-3 --device cpu --output_dir runs/toyfaces

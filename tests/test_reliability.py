@@ -12,7 +12,7 @@ import common
 from common import UserError, atomic_torch_save, load_checkpoint
 from fakes import ROOT, TINY, assert_ok, assert_user_error, run, run_here, snapshot
 
-# diffusion only, so each run is a few seconds; 2 epochs x 6 steps (100 images), last.pth every 2 steps
+# diffusion only, to keep each run short; 2 epochs x 6 steps (100 images), last.pth every 2 steps
 QUICK = ["--dataset", "toyfaces", *TINY, "--classifier_epochs", 0, "--oracle_epochs", 0, "--diffusion_epochs", 2,
          "--max_steps_per_epoch", 6, "--subset_fraction", 0.005, "--checkpoint_every", 2, "--sample_every", 0,
          "--dropout", 0.1, "--precision", "fp32", "--num_workers", 0]
