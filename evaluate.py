@@ -141,10 +141,10 @@ def run_counterfactuals(args, m, fn, amp) -> dict:
     """Per direction and pooled (n-weighted means; CD and Fréchet distances of the pooled pairs, as the papers)."""
     recipe = {k: getattr(args, k) for k in ("strength", "preserve", "sampler") if getattr(args, k) is not None}
     recipe["steps"] = args.steps or EDIT_DEFAULTS["steps"]
-    labels = (t := run_split(m, "train")).attrs[:, [t.attr_names.index(a) for a in m.attr_names]]  # as the models
+    labels, test = run_split(m, "train").attrs, run_split(m, "test")        # attributes in the models' order
     rows, pool, k = {}, [], m.target_index
     for target in (1, 0):
-        x, names = dataset_inputs(m, args.n, target, None)
+        x, names = dataset_inputs(m, args.n, target, test)
         print(f"toward {target}: counterfactuals of {len(x)} test faces with {m.attribute} = {1 - target}")
         m.unet_calls["images"] = m.guide_grads["images"] = 0
         x_cf = make_counterfactuals(m, x, target, args.guidance_scale, localize=not args.no_localize, seed=args.seed,
@@ -182,8 +182,10 @@ def main() -> int:
     for name in ("steps", "batch_size", "num_samples", "n", "preserve", "strength", "guidance_scale"):
         for v in np.atleast_1d(getattr(args, name, None)).tolist():              # None: not given
             check_positive("--" + name, v, allow_zero=name in ("preserve", "strength", "guidance_scale"))
-    if min(getattr(args, "num_samples", 2), getattr(args, "n", 2)) < 2 or (getattr(args, "strength", 0) or 0) > 1:
-        raise UserError("a Fréchet distance needs --num_samples/--n >= 2, and --strength must be in [0, 1]")
+    if min(getattr(args, "num_samples", 2), getattr(args, "n", 2)) < 2:
+        raise UserError("a Fréchet distance needs at least 2 images; pass --num_samples/--n >= 2")
+    if (getattr(args, "strength", 0) or 0) > 1:
+        raise UserError(f"--strength must be in [0, 1], got {args.strength}")
     if not 0 <= getattr(args, "mask_threshold", 0) < 1:
         raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
     if args.job == "fid" and args.guidance_scale is not None and args.target_label is None:

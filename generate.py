@@ -14,6 +14,7 @@ arguments, per-sample probabilities, the summary and the network calls per image
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -187,12 +188,13 @@ def load_run(run_dir: str, device) -> SimpleNamespace:
     return load_models(*(os.path.join(run_dir, f) for f in RUN_FILES), device)
 
 
-def run_split(m, split: str):
-    """A split of the run's dataset with its size, subset and seed, from its cache where that is on this machine."""
+def run_split(m, split: str, data_root: str | None = None):
+    """A split of the run's dataset with its size, subset and seed, from its cache where that is on this machine;
+    CelebA from ``data_root``, by default the run's own."""
     a, d = m.d_ckpt["args"], m.d_ckpt
     cache = a.get("cache_dir") if os.path.isdir(a.get("cache_dir") or "") else None
-    return load_split(d["dataset"], split, d["image_size"], a.get("data_root", "./data"), a.get("subset_fraction", 0.5),
-                      a.get("seed", 0), cache, verbose=False)
+    return load_split(d["dataset"], split, d["image_size"], data_root or a.get("data_root", "./data"),
+                      a.get("subset_fraction", 0.5), a.get("seed", 0), cache, verbose=False)
 
 
 def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
@@ -266,6 +268,18 @@ def edit_mask(x_guided: torch.Tensor, x_unguided: torch.Tensor, threshold: float
     return F.max_pool2d(mask, 2 * dilation + 1, stride=1, padding=dilation) if dilation > 0 else mask
 
 
+@contextlib.contextmanager
+def tf32_convolutions(allowed: bool):
+    """cuDNN's TF32 convolutions (on by default on Ampere and later) off inside unless ``allowed``; the process's
+    setting is restored after."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = before and allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, strength=EDIT_DEFAULTS["strength"],
                          localize=True, mask_threshold=0.05, preserve=EDIT_DEFAULTS["preserve"], invert=False,
                          sampler=EDIT_DEFAULTS["sampler"], steps=EDIT_DEFAULTS["steps"], **sample_kw):
@@ -282,17 +296,18 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
     out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
     if t0 < 0:                                                # strength 0: the inputs themselves
         return out, masks, used
-    if invert:                    # fp32 (no autocast, and no TF32 convolutions, on by default on Ampere and later)
+    if invert:                    # fp32: no autocast, and no TF32 convolutions (below), no clipping
         sample_kw.update(clip=False, amp=None)
-        torch.backends.cudnn.allow_tf32 = False
     keep = guide_probabilities(m, x_in) if preserve > 0 else None        # the soft targets --preserve holds
-    x_t0 = encode(m, x_in, t0, invert=invert, steps=steps, seed=sample_kw.get("seed", 0),
-                  batch_size=sample_kw.get("batch_size", 64))
+    with tf32_convolutions(not invert):
+        x_t0 = encode(m, x_in, t0, invert=invert, steps=steps, seed=sample_kw.get("seed", 0),
+                      batch_size=sample_kw.get("batch_size", 64))
     todo, x_unguided = torch.arange(n), None
 
     def run(idx, scale, known=None):
-        return generate_images(m, target, scale, x_t0=x_t0[idx], t_start=t0, known=known, preserve=preserve,
-                               keep=None if keep is None else keep[idx], **sample_kw)
+        with tf32_convolutions(not invert):
+            return generate_images(m, target, scale, x_t0=x_t0[idx], t_start=t0, known=known, preserve=preserve,
+                                   keep=None if keep is None else keep[idx], **sample_kw)
     for scale in scales:
         if localize and (x_unguided is None or sampler == "ddpm"):   # DDPM: same subset, same noise
             x_unguided = torch.empty_like(x_in)
@@ -311,6 +326,11 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
 
 # ----------------------------------------------------------------------------------------------
 # Judging
+
+
+def p_target(p: torch.Tensor, target: int) -> torch.Tensor:
+    """p(attribute present) -> p(the attribute has the target value)."""
+    return p if target == 1 else 1 - p
 
 
 def hit_rate(p: torch.Tensor, target: int) -> float:
@@ -336,7 +356,8 @@ def oracle_probabilities(m, x: torch.Tensor) -> torch.Tensor:
     return probabilities(m.oracle, x, m.device)
 
 
-def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, o_before=None, o_after=None) -> dict:
+def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, o_before=None, o_after=None,
+                           g_after=None) -> dict:
     """Flip rates, MNAC and L1 of counterfactuals x_cf of x (both (N,3,S,S) in [-1, 1]).
 
     flip rate = share of counterfactuals judged to have the target label (p > 0.5), by the guide and, when there
@@ -346,7 +367,8 @@ def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, 
     l1 = ((x - x_cf).abs() / 2).flatten(1).mean(1)                               # (N,)
     out = {"n": int(x.shape[0]), "l1_mean": l1.mean().item(), "l1_std": l1.std(unbiased=False).item()}
     if m.guide is not None:
-        out["flip_rate_guide"] = hit_rate(guide_probabilities(m, x_cf)[:, m.guide.cfg.target_index], target)
+        g_after = guide_probabilities(m, x_cf) if g_after is None else g_after
+        out["flip_rate_guide"] = hit_rate(g_after[:, m.guide.cfg.target_index], target)
     if m.oracle is not None:
         o_before = oracle_probabilities(m, x) if o_before is None else o_before
         o_after = oracle_probabilities(m, x_cf) if o_after is None else o_after
@@ -392,13 +414,10 @@ def check_outputs_spare_inputs(output: str, inputs: list, input_files: list) -> 
                         f"choose an --output outside the inputs")
 
 
-def dataset_inputs(m, n: int, target: int, data_root: str | None):
-    """N test-split images whose true steered attribute is not the target, at the diffusion model's size and subset.
-    -> (N,3,S,S) in [-1, 1], their names."""
+def dataset_inputs(m, n: int, target: int, split):
+    """N images of ``split`` (the run's test split, from ``run_split``) whose true steered attribute is not the
+    target. -> (N,3,S,S) in [-1, 1], their names."""
     k = m.guide.cfg.target_index
-    if data_root is not None:
-        m = SimpleNamespace(**{**vars(m), "d_ckpt": {**m.d_ckpt, "args": {**m.d_ckpt["args"], "data_root": data_root}}})
-    split = run_split(m, "test")
     pick = torch.nonzero(split.attrs[:, k] != target).squeeze(1)[:n]
     if len(pick) == 0:
         raise UserError(f"no test images with {m.attribute} != {target}; choose the other --target_label")
@@ -437,10 +456,10 @@ def report_samples(m, results: dict, target: int, names: str) -> tuple:
     for scale, x in results.items():
         s, p_guide, p_oracle = {"n": x.shape[0]}, None, None
         if m.guide is not None:                              # p(target) = p(present), or 1 - it toward 0
-            p_guide = (guide_probabilities(m, x)[:, m.guide.cfg.target_index] - 1 + target).abs()
+            p_guide = p_target(guide_probabilities(m, x)[:, m.guide.cfg.target_index], target)
             s.update(guide_target_rate=hit_rate(p_guide, 1), guide_mean_p=p_guide.mean().item())
         if m.oracle is not None:
-            p_oracle = (oracle_probabilities(m, x)[:, m.target_index] - 1 + target).abs()
+            p_oracle = p_target(oracle_probabilities(m, x)[:, m.target_index], target)
             s.update(oracle_target_rate=hit_rate(p_oracle, 1), oracle_mean_p=p_oracle.mean().item())
         summary["unguided" if scale == 0 else f"scale_{scale:g}"] = s
         for i in range(x.shape[0]):
@@ -456,16 +475,16 @@ def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list)
     difference, one row per image. -> (grid tiles, summary, records)"""
     o_before = oracle_probabilities(m, x_in) if m.oracle is not None else None
     o_after = oracle_probabilities(m, x_cf) if m.oracle is not None else None
-    summary = counterfactual_metrics(m, x_in, x_cf, target, o_before, o_after)
+    g_before, g_after = guide_probabilities(m, x_in), guide_probabilities(m, x_cf)           # (N,A)
+    summary = counterfactual_metrics(m, x_in, x_cf, target, o_before, o_after, g_after)
     summary.update(mask_area=masks.mean().item(), scale_used={f"{s:g}": int((used == s).sum()) for s in used.unique()})
-    g_before, g_after = (guide_probabilities(m, x)[:, m.guide.cfg.target_index] for x in (x_in, x_cf))
-    flip = (lambda p: p) if target == 1 else (lambda p: 1 - p)                # p(target)
+    k, flip = m.guide.cfg.target_index, lambda p: p_target(p, target)
     tiles, records = [], []
     for i, (name, a, b, d) in enumerate(zip(names, to_uint8(x_in), to_uint8(x_cf), difference_map(x_in, x_cf))):
         tiles += [a, b, d]
         rec = {"index": i, "name": name, "file": f"{i:04d}_{name}.png", "scale": used[i].item(),
-               "guide_p_target_before": round(flip(g_before[i]).item(), 4),
-               "guide_p_target": round(flip(g_after[i]).item(), 4),
+               "guide_p_target_before": round(flip(g_before[i, k]).item(), 4),
+               "guide_p_target": round(flip(g_after[i, k]).item(), 4),
                "l1": round(((x_in[i] - x_cf[i]).abs() / 2).mean().item(), 5), "mask_area": round(masks[i].mean().item(), 4)}
         if o_before is not None:
             rec.update(oracle_p_target_before=round(flip(o_before[i, m.target_index]).item(), 4),
@@ -518,7 +537,7 @@ def main() -> int:
     if cf_mode:
         x_in, names = (to_float(torch.stack([load_image_file(f, m.d_ckpt["image_size"]) for f in input_files])),
                        [os.path.splitext(os.path.basename(f))[0] for f in input_files]) if input_files is not None \
-            else dataset_inputs(m, args.from_dataset, args.target_label, args.data_root)
+            else dataset_inputs(m, args.from_dataset, args.target_label, run_split(m, "test", args.data_root))
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.output)), "output folder")
     ensure_writable_dir(stem, "sample folder")
     amp = autocast(device, amp_dtype(device, args.precision))

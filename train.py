@@ -61,6 +61,14 @@ def int_tuple(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def add_unet_args(p, base_channels=128, num_res_blocks=2) -> None:
+    """The UNet architecture flags, shared with the benchmarks."""
+    p.add_argument("--base_channels", type=int, default=base_channels, help="UNet width of the first level")
+    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
+    p.add_argument("--num_res_blocks", type=int, default=num_res_blocks, help="UNet residual blocks per level")
+    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
+
+
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=ArgumentParser.summary(__doc__))
     # data
@@ -76,10 +84,7 @@ def get_parser() -> ArgumentParser:
                    help="processes that decode images into the cache (default: min(8, CPU count); 0: this one)")
     # schedule and models
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T of the linear beta schedule")
-    p.add_argument("--base_channels", type=int, default=128, help="UNet width of the first level")
-    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
-    p.add_argument("--num_res_blocks", type=int, default=2, help="UNet residual blocks per level")
-    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
+    add_unet_args(p)
     p.add_argument("--dropout", type=float, default=0.1, help="UNet dropout")
     p.add_argument("--classifier_channels", type=int, default=64, help="guide width (the oracle's is half of it)")
     # optimisation
@@ -394,12 +399,14 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
                 update_ema(ema, unwrap(model), args.ema_decay, step)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             loss_sum, n, step = loss_sum + torch.nan_to_num(loss.detach()), n + 1, step + 1
-            if step % LOG_EVERY == 0:
+            at_log = step % LOG_EVERY == 0
+            if at_log:
                 check_finite(run, stage, first_bad)
                 bar.set_postfix(loss=f"{(loss_sum / n).item():.4f}")
-            stop = stop_requested(run, step % LOG_EVERY == 0)
+            stop = stop_requested(run, at_log)
             if stop or step % args.checkpoint_every == 0:
-                check_finite(run, stage, first_bad)
+                if not at_log:                                  # checked just above otherwise
+                    check_finite(run, stage, first_bad)
                 save_last(run, stage, modules, optimizer, scaler, epoch, b + 1, step, state)
             if stop:
                 stop_here(run)
@@ -454,11 +461,11 @@ def eval_timesteps(T: int) -> tuple:
 
 @torch.no_grad()
 def accuracy(run, split, predict, batch_size=256) -> torch.Tensor:
-    """Per-attribute accuracy of ``predict(x0, i) -> logits (B,A)``, given the clean images of ``split``. -> (A,)"""
+    """Per-attribute accuracy of ``predict(x0) -> logits (B,A)``, given the clean images of ``split``. -> (A,)"""
     correct = 0
     for i in range(0, len(split), batch_size):
         with run.autocast:
-            logits = predict(to_float(split.images[i:i + batch_size]).to(run.device), i).float().cpu()
+            logits = predict(to_float(split.images[i:i + batch_size]).to(run.device)).float().cpu()
         correct = correct + ((logits > 0) == split.attrs[i:i + batch_size].bool()).float().sum(0)
     return run.from_main(correct / len(split))
 
@@ -469,7 +476,7 @@ def guide_accuracy(run, net, diffusion, split) -> dict:
     def at(t_value):
         g = torch.Generator().manual_seed(1234 + t_value)
 
-        def predict(x0, i):
+        def predict(x0):
             t = torch.full((x0.shape[0],), t_value, device=run.device, dtype=torch.long)
             x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(run.device)) if t_value else x0
             return net(x_t, t)
@@ -533,7 +540,7 @@ def train_oracle(run, data) -> None:
     model, opt, state = wrap(net, run), make_optimizer(net.parameters(), ORACLE_LR, 0.05, run.device), {"best": -1.}
 
     def end_of_epoch(epoch, record):
-        acc = accuracy(run, data["valid"], lambda x, i: net(x))
+        acc = accuracy(run, data["valid"], net)
         out = {"valid_mean_acc": round(acc.mean().item(), 4)}
         if out["valid_mean_acc"] > state["best"]:
             state["best"] = out["valid_mean_acc"]
@@ -545,7 +552,7 @@ def train_oracle(run, data) -> None:
         lambda x, attrs: F.binary_cross_entropy_with_logits(model(x).float(), attrs.float()), end_of_epoch, state)
     best = load_checkpoint(os.path.join(args.output_dir, "oracle_best.pth"), "oracle")
     net.load_state_dict(best["model"])
-    acc = accuracy(run, data["test"], lambda x, i: net(x))
+    acc = accuracy(run, data["test"], net)
     best["test_acc"] = dict(zip(data["names"], (round(a, 4) for a in acc.tolist())))
     run.log({"stage": "oracle", "final": True, "test_mean_acc": round(acc.mean().item(), 4), "test_acc": best["test_acc"]})
     if run.main:

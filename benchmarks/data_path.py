@@ -41,8 +41,8 @@ from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_d
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402
-from train import batches, placed  # noqa: E402
-from train_throughput import add_unet_args, checked_unet_config, make_train_step, sync  # noqa: E402
+from train import add_unet_args, batches, placed  # noqa: E402
+from train_throughput import checked_unet_config, make_train_step, sync  # noqa: E402
 
 WARMUP_STEPS = 2          # untimed training steps at the start of each measured run
 MIN_CACHE_SECONDS = 0.2   # the cache is timed over whole passes until this much time has gone by

@@ -48,17 +48,9 @@ from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_d
                     autocast, check_output_file, check_positive, memory_format_for, resolve_device, run_main)
 from diffusion_model import (AttnBlock, DiffusionConfig, Downsample, GaussianDiffusion, ResBlock, UNet,  # noqa: E402
                              UNetConfig, Upsample)
-from train import int_tuple, make_optimizer, optimizer_step  # noqa: E402
+from train import add_unet_args, make_optimizer, optimizer_step  # noqa: E402
 
 INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
-
-
-def add_unet_args(p, base_channels=128, num_res_blocks=2) -> None:
-    """The UNet architecture flags of the benchmarks, as train.py spells them."""
-    p.add_argument("--base_channels", type=int, default=base_channels, help="UNet width of the first level")
-    p.add_argument("--channel_mult", type=int_tuple, default=(1, 2, 2, 2), help="UNet width multipliers per level")
-    p.add_argument("--num_res_blocks", type=int, default=num_res_blocks, help="UNet residual blocks per level")
-    p.add_argument("--attn_resolutions", type=int_tuple, default=(16,), help="feature-map sides with self-attention")
 
 
 def get_parser() -> argparse.ArgumentParser:

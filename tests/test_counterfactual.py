@@ -291,6 +291,6 @@ def test_oracle_checkpoint_round_trip(toy_run):
                       verbose=False)
     run_like = SimpleNamespace(device=CPU, autocast=autocast(CPU, amp_dtype(CPU, a["precision"])),
                                from_main=lambda x: x)
-    acc = accuracy(run_like, test, lambda x, i: m.oracle(x))
+    acc = accuracy(run_like, test, m.oracle)
     assert m.oracle(to_float(test.images[:2])).shape == (2, 5)
     assert ckpt["test_acc"] == {n: round(v, 4) for n, v in zip(ckpt["attr_names"], acc.tolist())}
