@@ -125,7 +125,7 @@ def build_app(m):
 
 
 def main() -> int:
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     p.add_argument("--run_dir", default=None, help="a train.py --output_dir holding " + ", ".join(RUN_FILES))
     for key, name in zip(("diffusion", "classifier", "oracle"), RUN_FILES):
         p.add_argument(f"--{key}_model", default=None, help=f"{key} checkpoint (default: <run_dir>/{name})")

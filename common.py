@@ -1,11 +1,9 @@
-"""Shared plumbing for the scripts: user-facing errors, atomic writes, self-describing checkpoints.
-
-Every file this project writes goes to a temporary file in the same folder first and is moved into
-place with ``os.replace``, so a crash or a kill at any moment leaves the previous file intact.
-"""
+"""Shared plumbing for the scripts: one-line user errors, atomic writes, self-describing checkpoints, precision,
+image grids."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -106,62 +104,33 @@ def ensure_writable_dir(path: str, what: str = "output folder") -> str:
     return path
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via ``write(fileobj)`` to a temp file beside ``path``, fsync, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+def atomic_save(obj: Any, path: str) -> None:
+    """Write ``obj`` to a temporary file beside ``path``, fsync, then ``os.replace``, so a crash or a kill at any
+    moment leaves the previous file intact. By kind: a PIL image (format from the extension), a NumPy array (.npy),
+    text (``to_json`` for JSON), anything else with ``torch.save``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(obj, Image.Image):
+                obj.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
+            elif isinstance(obj, np.ndarray):
+                np.save(f, obj, allow_pickle=False)
+            elif isinstance(obj, str):
+                f.write(obj.encode("utf-8"))
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         raise
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def atomic_save_image(img, path: str) -> None:
-    """Save a PIL image atomically; the format comes from the file extension."""
-    fmt = os.path.splitext(path)[1].lstrip(".").upper() or "PNG"
-    fmt = {"JPG": "JPEG"}.get(fmt, fmt)
-    _atomic_write(path, lambda f: img.save(f, format=fmt))
-
-
-def atomic_save_npy(path: str, array) -> None:
-    """Save a numpy array as ``.npy`` atomically (readable later with ``np.load(mmap_mode=...)``)."""
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def append_line(path: str, line: str) -> None:
-    """Append one line to a log (a torn last line at a crash is the only possible loss)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, set):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=lambda o: o.tolist()) + "\n"          # tensors and NumPy scalars too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,14 +138,8 @@ def _json_default(o):
 
 def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
     assert kind in CHECKPOINT_KINDS, kind
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "kind": kind,
-        "config": asdict(config),
-        "model": model_state,
-        **fields,
-    }
+    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": kind, "config": asdict(config),
+            "model": model_state, **fields}
 
 
 def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint") -> dict:
@@ -250,17 +213,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``error: ...; see --help``), exit status 2, and which takes no abbreviated
     flags (``--n`` is not ``--num_samples``)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+    def __init__(self, description: str | None = None, **kwargs):     # --help: the docstring's first paragraph
+        description = description and " ".join(description.split("\n\n")[0].split())
+        super().__init__(description=description, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
-
-    @staticmethod
-    def summary(doc: str) -> str:
-        """A script's --help description: the first paragraph of its docstring, on one line."""
-        return " ".join(doc.split("\n\n")[0].split())
 
     def given(self, argv: list | None = None) -> set:
         """The dests of the flags written on the command line. argparse fills a default only into a dest the
@@ -271,20 +230,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------
-# Images: [-1, 1] tensors to uint8 pictures, grids and difference heat maps
+# Images: [-1, 1] tensors to uint8 pictures and grids
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B,3,H,W) float in [-1, 1] -> (B,H,W,3) uint8."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
-
-
-def heatmap(diff: np.ndarray) -> np.ndarray:
-    """(H,W) values in [0, 1] -> (H,W,3) uint8, black -> red -> yellow -> white."""
-    d = np.clip(diff, 0, 1)[..., None]
-    rgb = np.concatenate([np.clip(3 * d, 0, 1), np.clip(3 * d - 1, 0, 1), np.clip(3 * d - 2, 0, 1)], axis=-1)
-    return (rgb * 255).round().astype(np.uint8)
 
 
 def grid_image(tiles: np.ndarray, nrow: int, pad: int = 2, min_tile: int = 64) -> Image.Image:
@@ -300,8 +252,3 @@ def grid_image(tiles: np.ndarray, nrow: int, pad: int = 2, min_tile: int = 64) -
         tile = tiles[i].repeat(k, 0).repeat(k, 1)
         canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = tile
     return Image.fromarray(canvas)
-
-
-def save_grid(x: torch.Tensor, path: str, nrow: int) -> None:
-    """Save a (B,3,H,W) batch in [-1, 1] as one grid PNG, atomically."""
-    atomic_save_image(grid_image(to_uint8(x), nrow), path)

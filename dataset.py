@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from common import UserError, atomic_save_npy, atomic_write_json, ensure_writable_dir
+from common import UserError, atomic_save, ensure_writable_dir, to_json
 
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "
@@ -494,9 +494,9 @@ def _load_cache(npy_path: str, json_path: str, key: dict):
 
 
 def _save_cache(npy_path, json_path, key, images, attrs, names, n_original, n_skipped):
-    atomic_save_npy(npy_path, images)  # the .json goes last: it marks the cache as complete
-    atomic_write_json(json_path, {"key": key, "n_original": n_original, "n_skipped": n_skipped, "names": names,
-                                  "attrs": [bytes(row + ord("0")).decode() for row in attrs]})
+    atomic_save(images, npy_path)  # the .json goes last: it marks the cache as complete
+    atomic_save(to_json({"key": key, "n_original": n_original, "n_skipped": n_skipped, "names": names,
+                         "attrs": [bytes(row + ord("0")).decode() for row in attrs]}), json_path)
 
 
 def load_split(dataset: str, split: str, image_size: int, data_root: str = "./data",

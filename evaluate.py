@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_write_json,
-                    atomic_write_text, autocast, check_positive, check_seed, ensure_writable_dir, resolve_device,
-                    run_main, to_uint8)
+from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save, autocast,
+                    check_positive, check_seed, ensure_writable_dir, resolve_device, run_main, to_json, to_uint8)
 from dataset import to_float, toyface_counterfactuals
 from diffusion_model import SAMPLERS
 from generate import (EDIT_DEFAULTS, SAMPLE_DEFAULTS, counterfactual_metrics, dataset_inputs, generate_images,
@@ -46,7 +45,7 @@ def get_parser() -> ArgumentParser:
     shared.add_argument("--batch_size", type=int, default=64, help="images per batch")
     shared.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
     shared.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     jobs = p.add_subparsers(dest="job", required=True)
     fid = jobs.add_parser("fid", parents=[shared], help="FID of samples from noise against the test split")
     fid.add_argument("--num_samples", type=int, default=1000, help="samples to draw")
@@ -207,10 +206,10 @@ def main() -> int:
     md = "\n\n".join([f"# {args.job}: {m.attribute}, {args.run_dir}", markdown_table(rows, cols)] + ([] if fid else [
         NOTE, "Cost per counterfactual at the papers' CelebA defaults (their quality figures: DiME's and ACE's "
         "Table 1, CelebA Smile at 128 px):", markdown_table(PAPERS, {"calls": "network calls / cf"})]))
-    atomic_write_json(path + ".json", {"job": args.job, "args": vars(args), "attribute": m.attribute, "features": label,
-                                       "seconds": round(time.time() - t0, 1), "rows": rows,
-                                       "papers": None if fid else PAPERS})
-    atomic_write_text(path + ".md", md + "\n")
+    atomic_save(to_json({"job": args.job, "args": vars(args), "attribute": m.attribute, "features": label,
+                         "seconds": round(time.time() - t0, 1), "rows": rows, "papers": None if fid else PAPERS}),
+                path + ".json")
+    atomic_save(md + "\n", path + ".md")
     print(md + f"\nwrote {path}.json and {path}.md ({time.time() - t0:.0f} s)")
     return 0
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
-from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save_image,
-                    atomic_write_json, autocast, check_positive, check_seed, ensure_writable_dir, grid_image, heatmap,
-                    load_checkpoint, memory_format_for, refuse_folder, resolve_device, run_main, to_uint8)
+from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save, autocast,
+                    check_positive, check_seed, ensure_writable_dir, grid_image, load_checkpoint, memory_format_for,
+                    refuse_folder, resolve_device, run_main, to_json, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import SAMPLERS, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -44,7 +44,7 @@ EDIT_DEFAULTS = {"guidance_scale": [30.0, 60.0, 120.0], "sampler": "dpmpp2m", "s
 
 
 def get_parser() -> ArgumentParser:
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     p.add_argument("--diffusion_model", default="diffusion_final.pth", help="diffusion checkpoint from train.py")
     p.add_argument("--classifier_model", default="classifier_best.pth", help="guiding classifier checkpoint")
     p.add_argument("--oracle_model", default=None,
@@ -429,8 +429,10 @@ def dataset_inputs(m, n: int, target: int, split):
 def difference_map(x: torch.Tensor, x_cf: torch.Tensor) -> np.ndarray:
     """Where a counterfactual differs from its input, as a heat map scaled to each image's largest change:
     (N,3,S,S), (N,3,S,S) -> (N,S,S,3) uint8."""
-    d = ((x_cf - x).abs().mean(1) / 2).numpy()                                     # (N,S,S) in [0, 1]
-    return np.stack([heatmap(di / max(di.max(), 1e-3)) for di in d])
+    d = ((x_cf - x).abs().mean(1, keepdim=True) / 2).permute(0, 2, 3, 1).numpy()   # (N,S,S,1) in [0, 1]
+    d = d / np.maximum(d.max((1, 2, 3), keepdims=True), 1e-3)
+    rgb = np.clip(3 * d - np.array([0, 1, 2], np.float32), 0, 1)                  # black -> red -> yellow -> white
+    return (rgb * 255).round().astype(np.uint8)
 
 
 def write_files(folder: str, json_path: str, files: dict) -> None:
@@ -442,7 +444,7 @@ def write_files(folder: str, json_path: str, files: dict) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
     for name, x in files.items():
-        atomic_save_image(Image.fromarray(to_uint8(x[None])[0]), os.path.join(folder, name))
+        atomic_save(Image.fromarray(to_uint8(x[None])[0]), os.path.join(folder, name))
     stale = [os.path.join(folder, f) for f in sorted(earlier - set(files)) if os.path.isfile(os.path.join(folder, f))]
     for path in stale:
         os.remove(path)
@@ -564,12 +566,12 @@ def main() -> int:
     made = len(records)
     calls = {"unet_calls_per_image": m.unet_calls["images"] / made, "guide_grads_per_image": m.guide_grads["images"] / made}
     write_files(stem, stem + ".json", files)
-    atomic_save_image(grid, args.output)
-    atomic_write_json(stem + ".json", {"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling",
-                                       "attribute": m.attribute, "target_label": args.target_label, "sampler": sampler,
-                                       "steps": steps, "scales": scales, "seconds": round(seconds, 2), **calls,
-                                       "guide": guide, "oracle": m.oracle_path if m.oracle else None,
-                                       "summary": summary, "samples": records})
+    atomic_save(grid, args.output)
+    atomic_save(to_json({"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling",
+                         "attribute": m.attribute, "target_label": args.target_label, "sampler": sampler,
+                         "steps": steps, "scales": scales, "seconds": round(seconds, 2), **calls, "guide": guide,
+                         "oracle": m.oracle_path if m.oracle else None, "summary": summary, "samples": records}),
+                stem + ".json")
     print_summary(summary, f"{m.attribute}={args.target_label}", steered=not args.no_guidance, has_oracle=m.oracle is not None)
     print(f"{made} {'counterfactuals' if cf_mode else 'samples'} in {seconds:.1f} s ({calls['unet_calls_per_image']:.0f} "
           f"UNet calls and {calls['guide_grads_per_image']:.0f} guide gradients per image); wrote {args.output}, "

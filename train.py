@@ -35,9 +35,8 @@ from tqdm.auto import tqdm
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig
 from common import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRECISION_HELP, PRECISIONS, ArgumentParser, UserError,
-                    amp_dtype, append_line, atomic_torch_save, autocast, check_positive, check_seed,
-                    ensure_writable_dir, load_checkpoint, make_checkpoint, memory_format_for, resolve_device,
-                    run_main, save_grid)
+                    amp_dtype, atomic_save, autocast, check_positive, check_seed, ensure_writable_dir, grid_image,
+                    load_checkpoint, make_checkpoint, memory_format_for, resolve_device, run_main, to_uint8)
 from dataset import DATASETS, attribute_index, attribute_names, load_split, random_flip, to_float
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -70,7 +69,7 @@ def add_unet_args(p, base_channels=128, num_res_blocks=2) -> None:
 
 
 def get_parser() -> ArgumentParser:
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     # data
     p.add_argument("--dataset", default="celeba", choices=DATASETS, help="celeba, or toyfaces (embedded demo data)")
     p.add_argument("--data_root", default="./data", help="CelebA root (official/torchvision or Kaggle layout)")
@@ -165,7 +164,8 @@ class Run:
 
     def log(self, record: dict) -> None:
         if self.main:
-            append_line(self.log_path, json.dumps(record))
+            with open(self.log_path, "a", encoding="utf-8") as f:           # a line at a time
+                f.write(json.dumps(record) + "\n")
             if not record.get("final"):                          # a stage's final record prints its own line
                 print(" | ".join(f"{k} {v}" for k, v in record.items() if not isinstance(v, dict)), flush=True)
 
@@ -188,7 +188,7 @@ class Run:
         if self.main:
             path = os.path.join(self.args.output_dir, name)
             try:
-                atomic_torch_save(obj, path)
+                atomic_save(obj, path)
             except OSError as e:
                 raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is unchanged — "
                                 f"free disk space and continue with --resume auto") from None
@@ -588,7 +588,7 @@ def train_diffusion(run, data, diffusion) -> None:
                                      generator=torch.Generator(run.device).manual_seed(args.seed), progress=False)
             path = os.path.join(args.output_dir, "samples", f"diffusion_epoch_{epoch}.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_grid(x.float().cpu(), path, nrow=4)
+            atomic_save(grid_image(to_uint8(x), nrow=4), path)
             out["samples"] = os.path.relpath(path, args.output_dir)
         if epoch % args.save_every == 0:
             run.save(checkpoint(epoch, record["step"]), f"diffusion_epoch_{epoch}.pth")

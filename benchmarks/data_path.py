@@ -36,8 +36,8 @@ sys.path.insert(1, os.path.join(os.path.dirname(HERE), "tests"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_write_json,  # noqa: E402
-                    check_output_file, check_positive, memory_format_for, resolve_device, run_main)
+from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save,  # noqa: E402
+                    check_output_file, check_positive, memory_format_for, resolve_device, run_main, to_json)
 from dataset import load_split, preprocess_pil, random_flip, to_float  # noqa: E402
 from diffusion_model import DiffusionConfig, GaussianDiffusion, UNet  # noqa: E402
 from fakes import make_celeba  # noqa: E402
@@ -49,7 +49,7 @@ MIN_CACHE_SECONDS = 0.2   # the cache is timed over whole passes until this much
 
 
 def get_parser():
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     p.add_argument("--n_images", type=int, default=2000, help="generated CelebA images (60%% form the train split)")
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--batch_size", type=int, default=32, help="images per batch / training step")
@@ -208,9 +208,9 @@ def main() -> int:
     print(f"\ncache / JPEG data throughput: {ratio_data:.1f}x "
           f"(target >= 20x: {'met' if ratio_data >= 20 else 'NOT met'})")
     if args.json:
-        atomic_write_json(args.json, {"args": vars(args), "n_train": len(split), "data_images_per_s": rate,
-                                      "data_wait_fraction": wait, "train_images_per_s": train_ips, "ms_per_step": step_ms,
-                                      "ratio_cache_over_jpeg": {"data": ratio_data, "train": ratio_train}})
+        atomic_save(to_json({"args": vars(args), "n_train": len(split), "data_images_per_s": rate,
+                             "data_wait_fraction": wait, "train_images_per_s": train_ips, "ms_per_step": step_ms,
+                             "ratio_cache_over_jpeg": {"data": ratio_data, "train": ratio_train}}), args.json)
     return 0
 
 

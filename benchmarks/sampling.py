@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 import generate  # noqa: E402
 from classifier import make_cond_fn  # noqa: E402
-from common import (PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_write_json, autocast,  # noqa: E402
-                    check_output_file, check_positive, check_seed, resolve_device, run_main)
+from common import (PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save, autocast,  # noqa: E402
+                    check_output_file, check_positive, check_seed, resolve_device, run_main, to_json)
 from evaluate import features, frechet_distance  # noqa: E402
 from diffusion_model import SAMPLERS, GaussianDiffusion  # noqa: E402
 from generate import (generate_images, guide_probabilities, hit_rate, load_models, load_run,  # noqa: E402
@@ -74,7 +74,7 @@ def parse_config(cfg: str) -> tuple:
 
 
 def main():
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     p.add_argument("--run_dir", required=True, help="folder with diffusion_final.pth, classifier_best.pth, oracle_best.pth")
     p.add_argument("--classifier_model", default=None, help="steer with this guide instead of the run's")
     p.add_argument("--configs", nargs="+", default=["ddpm:100"], help="sampler:steps entries, e.g. ddpm:100 dpmpp2m:20")
@@ -137,7 +137,7 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
             if args.json:
-                atomic_write_json(args.json, {"args": vars(args), "rows": rows})
+                atomic_save(to_json({"args": vars(args), "rows": rows}), args.json)
     print_table(rows, m.attribute)
 
 

@@ -55,7 +55,7 @@ def requirement_names(path: str) -> list:
 
 
 def main() -> int:
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     p.add_argument("--out", default=os.path.join(ROOT, ".device_site"),
                    help="folder to fill; an earlier one made by this script is replaced, any other is refused")
     args = p.parse_args()

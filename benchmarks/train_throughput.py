@@ -44,8 +44,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_write_json,  # noqa: E402
-                    autocast, check_output_file, check_positive, memory_format_for, resolve_device, run_main)
+from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save,  # noqa: E402
+                    autocast, check_output_file, check_positive, memory_format_for, resolve_device, run_main, to_json)
 from diffusion_model import (AttnBlock, DiffusionConfig, Downsample, GaussianDiffusion, ResBlock, UNet,  # noqa: E402
                              UNetConfig, Upsample)
 from train import add_unet_args, make_optimizer, optimizer_step  # noqa: E402
@@ -54,7 +54,7 @@ INSTALL_HINT = "pip install -r benchmarks/requirements.txt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=ArgumentParser.summary(__doc__))
+    p = ArgumentParser(__doc__)
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--batch_size", type=int, default=32, help="images per training step")
     add_unet_args(p)
@@ -320,7 +320,7 @@ def main() -> int:
 
     def save():                         # after the timing, and again after the breakdown: a timeout loses less
         if args.json:
-            atomic_write_json(args.json, result)
+            atomic_save(to_json(result), args.json)
 
     timed = not args.count_only
     ips, peak = {k: [] for k in models}, {k: 0.0 for k in models}

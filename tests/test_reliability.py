@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from common import UserError, atomic_torch_save, load_checkpoint
+from common import UserError, atomic_save, load_checkpoint
 from fakes import ROOT, TINY, assert_ok, assert_user_error, run, run_here, snapshot
 
 # diffusion only, to keep each run short; 2 epochs x 6 steps (100 images), last.pth every 2 steps
@@ -208,7 +208,7 @@ def test_random_bytes_are_always_a_clean_corrupt_error(tmp_path):
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "diffusion_final.pth"
-    atomic_torch_save({"v": torch.tensor([1.0])}, str(path))
+    atomic_save({"v": torch.tensor([1.0])}, str(path))
     before = path.read_bytes()
 
     def disk_full(obj, f, *a, **k):
@@ -217,7 +217,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.torch, "save", disk_full)
     with pytest.raises(OSError):
-        atomic_torch_save({"v": torch.tensor([2.0])}, str(path))
+        atomic_save({"v": torch.tensor([2.0])}, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["diffusion_final.pth"]              # no temp file left behind
 
