@@ -1,17 +1,9 @@
 """Train the guiding classifier, the oracle and the diffusion model, in that order.
 
-Demo on the embedded toyfaces data (CPU; the README's first command):
-    python train.py --dataset toyfaces --image_size 32 --base_channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
-        --attn_resolutions 8 --dropout 0 --classifier_channels 32 --classifier_epochs 5 --oracle_epochs 6 \
-        --diffusion_epochs 6 --batch_size 64 --lr 1e-3 --device cpu --output_dir runs/toyfaces
-CelebA (GPU; data under ./data in the official or the Kaggle layout, see README):
-    python train.py --attribute Smiling --classifier_epochs 10 --diffusion_epochs 50
-Several GPUs, one node / several nodes:
-    torchrun --nproc_per_node=4 train.py --attribute Smiling
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29400 \
-        train.py --attribute Smiling --output_dir runs/celeba     # on the second node: --node_rank=1
-Continue a run that was stopped (Ctrl-C, kill, crash):
-    python train.py --resume auto --output_dir runs/toyfaces
+    python train.py --attribute Smiling --classifier_epochs 10 --diffusion_epochs 50   # CelebA under ./data
+    torchrun --nproc_per_node=4 train.py --attribute Smiling                            # several GPUs (README)
+    python train.py --resume auto --output_dir runs/toyfaces                            # continue a stopped run
+The README's first command trains the toyfaces demo on a CPU.
 
 Writes to --output_dir: classifier_best.pth, oracle_best.pth, diffusion_epoch_{N}.pth, diffusion_final.pth,
 last.pth (resumable state), train_log.jsonl, samples/diffusion_epoch_{N}.png.
@@ -19,7 +11,6 @@ last.pth (resumable state), train_log.jsonl, samples/diffusion_epoch_{N}.png.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -103,7 +94,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--save_every", type=int, default=10, help="write diffusion_epoch_{N}.pth every N epochs")
     p.add_argument("--sample_every", type=int, default=5, help="unguided EMA sample grid every N epochs (0: never)")
     p.add_argument("--checkpoint_every", type=int, default=500, help="write last.pth every N optimizer steps")
-    p.add_argument("--resume", default=None, help="continue from a last.pth: a path, or 'auto' for <output_dir>/last.pth")
+    p.add_argument("--resume", default=None, help="continue from a last.pth: a path, or 'auto' for "
+                                                  "<output_dir>/last.pth")
     p.add_argument("--overwrite", action="store_true", help="allow starting over in an output_dir with checkpoints")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for training (a GPU option)")
@@ -270,26 +262,14 @@ def check_finite(run, stage: str, first_bad: torch.Tensor) -> None:
                         f"checkpoint is kept; check the data or start again with a lower learning rate")
 
 
-def rng_state(device) -> dict:
-    """The random state training draws from: torch's (shuffling, noise, timesteps, flips), and CUDA's on a GPU."""
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-
-
-def set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def save_last(run, stage, modules, optimizer, scaler, epoch, batch, step, state) -> None:
-    """last.pth: everything to continue exactly here, every rank's RNG included."""
-    rngs = [rng_state(run.device)]
+    """last.pth: everything to continue exactly here, with every rank's random state: torch's (shuffling, noise,
+    timesteps, flips), and CUDA's on a GPU."""
+    cuda = run.device.type == "cuda"
+    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)} if cuda else {})}
+    rngs = [rng] * run.world
     if run.world > 1:
-        buf = io.BytesIO()
-        torch.save(rngs[0], buf)
-        gathered = [None] * run.world
-        dist.all_gather_object(gathered, buf.getvalue())
-        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
+        dist.all_gather_object(rngs, rng)
     run.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": "train_state",
               "stage": stage, "epoch": epoch, "batch": batch, "step": step, "state": dict(state),
               "modules": {k: unwrap(m).state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
@@ -307,7 +287,10 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     if scaler.is_enabled() and rs["scaler"]:            # fp16 before and now (--precision may resolve otherwise here)
         scaler.load_state_dict(rs["scaler"])
     state.update(rs["state"])
-    set_rng_state(rs["rng"][run.rank] if run.rank < len(rs["rng"]) else rs["rng"][0], run.device)
+    rng = rs["rng"][run.rank] if run.rank < len(rs["rng"]) else rs["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
     if run.main:
         print(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
     run.resume_state = None
@@ -400,13 +383,13 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             loss_sum, n, step = loss_sum + torch.nan_to_num(loss.detach()), n + 1, step + 1
             at_log = step % LOG_EVERY == 0
-            if at_log:
-                check_finite(run, stage, first_bad)
-                bar.set_postfix(loss=f"{(loss_sum / n).item():.4f}")
             stop = stop_requested(run, at_log)
-            if stop or step % args.checkpoint_every == 0:
-                if not at_log:                                  # checked just above otherwise
-                    check_finite(run, stage, first_bad)
+            save = stop or step % args.checkpoint_every == 0
+            if at_log or save:                                  # one host sync, at log and save points only
+                check_finite(run, stage, first_bad)
+            if at_log:
+                bar.set_postfix(loss=f"{(loss_sum / n).item():.4f}")
+            if save:
                 save_last(run, stage, modules, optimizer, scaler, epoch, b + 1, step, state)
             if stop:
                 stop_here(run)
@@ -495,7 +478,8 @@ def train_guide(run, data, diffusion) -> None:
     cfg = ClassifierConfig(image_size=args.image_size, base_channels=args.classifier_channels,
                            channel_mult=(1, 2, 2, 4)[:levels], num_outputs=len(data["names"]), target_index=k)
     net = NoisyClassifier(cfg).to(run.device)
-    model, opt, state = wrap(net, run), make_optimizer(net.parameters(), args.classifier_lr, 0.05, run.device), {"best": -1.}
+    model, state = wrap(net, run), {"best": -1.}
+    opt = make_optimizer(net.parameters(), args.classifier_lr, 0.05, run.device)
     if run.main:
         print(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
 
@@ -554,7 +538,8 @@ def train_oracle(run, data) -> None:
     net.load_state_dict(best["model"])
     acc = accuracy(run, data["test"], net)
     best["test_acc"] = dict(zip(data["names"], (round(a, 4) for a in acc.tolist())))
-    run.log({"stage": "oracle", "final": True, "test_mean_acc": round(acc.mean().item(), 4), "test_acc": best["test_acc"]})
+    run.log({"stage": "oracle", "final": True, "test_mean_acc": round(acc.mean().item(), 4),
+             "test_acc": best["test_acc"]})
     if run.main:
         print(f"oracle test accuracy: mean {acc.mean().item():.1%}; "
               + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"].items()))
@@ -577,8 +562,8 @@ def train_diffusion(run, data, diffusion) -> None:
     noise = torch.randn((16, 3, args.image_size, args.image_size), generator=torch.Generator().manual_seed(args.seed))
 
     def checkpoint(epoch, step):
-        return make_checkpoint("diffusion", cfg, net.state_dict(), ema=ema.state_dict(), diffusion=asdict(diffusion.cfg),
-                               epoch=epoch, step=step, **data["meta"])
+        return make_checkpoint("diffusion", cfg, net.state_dict(), ema=ema.state_dict(),
+                               diffusion=asdict(diffusion.cfg), epoch=epoch, step=step, **data["meta"])
 
     def end_of_epoch(epoch, record):
         out = {}
@@ -607,13 +592,12 @@ def load_data(run) -> dict:
     args = run.args
 
     def split(name):
+        if not run.main:                                # wait for rank 0's cache
+            run.barrier()
+        s = load_split(args.dataset, name, args.image_size, args.data_root, args.subset_fraction, args.seed,
+                       args.cache_dir, args.download and run.main, args.num_workers if run.main else 0, run.main)
         if run.main:
-            s = load_split(args.dataset, name, args.image_size, args.data_root, args.subset_fraction, args.seed,
-                           args.cache_dir, args.download, args.num_workers, verbose=True)
-        run.barrier()
-        if not run.main:
-            s = load_split(args.dataset, name, args.image_size, args.data_root, args.subset_fraction, args.seed,
-                           args.cache_dir, False, 0, verbose=False)
+            run.barrier()
         return s
 
     names, k = attribute_names(args.dataset), attribute_index(args.dataset, args.attribute)
