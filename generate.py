@@ -107,23 +107,23 @@ def check_args(args, parser) -> bool:
         raise UserError("--input and --from_dataset both given; pass one of them")
     if args.no_guidance and cf_mode:
         raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
-    given = parser.given()                  # a flag written out that would do nothing here is a mistake to report
-    idle = {"strength": not cf_mode, "invert": not cf_mode, "no_localize": not cf_mode, "preserve": not cf_mode,
-            "mask_threshold": not cf_mode or args.no_localize, "num_samples": cf_mode,
-            "data_root": args.from_dataset is None,
-            "guidance_scale": args.no_guidance}
-    for flag, does_nothing in idle.items():
-        if does_nothing and flag in given:
-            why = {"num_samples": "sets the number of samples from noise; counterfactuals make one per input image",
-                   "guidance_scale": "sets guidance, which --no_guidance turns off",
-                   "mask_threshold": "shapes the localisation mask of counterfactuals",
-                   "data_root": "is where --from_dataset reads the test split"}.get(
-                flag, "works on --input/--from_dataset counterfactuals")
-            raise UserError(f"--{flag} {why}, so it would do nothing in this run; drop it")
+    # a flag written out that would do nothing here is a mistake to report: {flag: what it does, if idle}
+    idle = {**dict.fromkeys(("strength", "invert", "no_localize", "preserve"),
+                            not cf_mode and "works on --input/--from_dataset counterfactuals"),
+            "mask_threshold": (not cf_mode or args.no_localize) and "shapes the localisation mask of counterfactuals",
+            "num_samples": cf_mode and ("sets the number of samples from noise; counterfactuals make one per input "
+                                        "image"),
+            "data_root": args.from_dataset is None and "is where --from_dataset reads the test split",
+            "guidance_scale": args.no_guidance and "sets guidance, which --no_guidance turns off"}
+    given = parser.given()
+    flag = next((f for f, does in idle.items() if does and f in given), None)
+    if flag:
+        raise UserError(f"--{flag} {idle[flag]}, so it would do nothing in this run; drop it")
     if not 0.0 <= args.mask_threshold < 1.0:
         raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
     if args.invert and (args.sampler or EDIT_DEFAULTS["sampler"]) != "ddim":
-        raise UserError("--invert needs --sampler ddim (the inversion runs DDIM's step forwards); add it or drop --invert")
+        raise UserError("--invert needs --sampler ddim (the inversion runs DDIM's step forwards); add it or drop "
+                        "--invert")
     stem, ext = os.path.splitext(args.output)
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
@@ -452,9 +452,11 @@ def write_files(folder: str, json_path: str, files: dict) -> None:
         print(f"removed {len(stale)} per-sample image(s) that an earlier run wrote to {folder}{os.sep}")
 
 
-def report_samples(m, results: dict, target: int, names: str) -> tuple:
-    """Samples from noise: per scale the guide's and the oracle's target rates. -> (grid tiles, summary, records)"""
-    summary, records, tiles = {}, [], []
+def report_samples(m, results: dict, target: int) -> tuple:
+    """Samples from noise {scale: (N,3,S,S)}: per scale the guide's and the oracle's target rates; a square grid, or
+    a row per scale. -> (grid, {file: image}, summary, records)"""
+    summary, records, tiles, n = {}, [], [], len(next(iter(results.values())))
+    names = "sample_{i:04d}.png" if len(results) == 1 else "s{scale:g}_sample_{i:04d}.png"
     for scale, x in results.items():
         s, p_guide, p_oracle = {"n": x.shape[0]}, None, None
         if m.guide is not None:                              # p(target) = p(present), or 1 - it toward 0
@@ -469,12 +471,13 @@ def report_samples(m, results: dict, target: int, names: str) -> tuple:
                             "guide_p_target": None if p_guide is None else round(p_guide[i].item(), 4),
                             "oracle_p_target": None if p_oracle is None else round(p_oracle[i].item(), 4)})
         tiles.append(to_uint8(x))
-    return np.concatenate(tiles), summary, records
+    grid = grid_image(np.concatenate(tiles), nrow=n if len(results) > 1 else math.ceil(math.sqrt(n)))
+    return grid, {r["file"]: results[r["scale"]][r["index"]] for r in records}, summary, records
 
 
 def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list) -> tuple:
     """Counterfactuals: flip rates, MNAC, L1 and the scale each image used; panels original | counterfactual |
-    difference, one row per image. -> (grid tiles, summary, records)"""
+    difference, one row per image. -> (grid, {file: image}, summary, records)"""
     o_before = oracle_probabilities(m, x_in) if m.oracle is not None else None
     o_after = oracle_probabilities(m, x_cf) if m.oracle is not None else None
     g_before, g_after = guide_probabilities(m, x_in), guide_probabilities(m, x_cf)           # (N,A)
@@ -487,12 +490,14 @@ def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list)
         rec = {"index": i, "name": name, "file": f"{i:04d}_{name}.png", "scale": used[i].item(),
                "guide_p_target_before": round(flip(g_before[i, k]).item(), 4),
                "guide_p_target": round(flip(g_after[i, k]).item(), 4),
-               "l1": round(((x_in[i] - x_cf[i]).abs() / 2).mean().item(), 5), "mask_area": round(masks[i].mean().item(), 4)}
+               "l1": round(((x_in[i] - x_cf[i]).abs() / 2).mean().item(), 5),
+               "mask_area": round(masks[i].mean().item(), 4)}
         if o_before is not None:
             rec.update(oracle_p_target_before=round(flip(o_before[i, m.target_index]).item(), 4),
                        oracle_p_target=round(flip(o_after[i, m.target_index]).item(), 4))
         records.append(rec)
-    return np.stack(tiles), {"counterfactuals": summary}, records
+    files = {r["file"]: x_cf[r["index"]] for r in records}
+    return grid_image(np.stack(tiles), nrow=3), files, {"counterfactuals": summary}, records
 
 
 def print_summary(summary: dict, want: str, steered: bool, has_oracle: bool) -> None:
@@ -526,20 +531,21 @@ def main() -> int:
     device = resolve_device(args.device, "sampling")
     guide = args.classifier_model if not args.no_guidance or os.path.isfile(args.classifier_model) else None
     oracle = args.oracle_model or os.path.join(os.path.dirname(guide or args.diffusion_model), "oracle_best.pth")
-    m = load_models(args.diffusion_model, guide, oracle if args.oracle_model or os.path.isfile(oracle) else None, device)
+    oracle = oracle if args.oracle_model or os.path.isfile(oracle) else None
+    m = load_models(args.diffusion_model, guide, oracle, device)
     defaults = EDIT_DEFAULTS if cf_mode else SAMPLE_DEFAULTS
     sampler, steps = args.sampler or defaults["sampler"], args.steps or defaults["steps"]
     T = m.diffusion.num_timesteps
-    if steps > T:
-        if args.steps:
-            raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
-        steps = T
+    if (args.steps or 0) > T:
+        raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
+    steps = min(steps, T)
     scales = [0.0] if args.no_guidance else args.guidance_scale or defaults["guidance_scale"]
     stem = os.path.splitext(args.output)[0]
-    if cf_mode:
-        x_in, names = (to_float(torch.stack([load_image_file(f, m.d_ckpt["image_size"]) for f in input_files])),
-                       [os.path.splitext(os.path.basename(f))[0] for f in input_files]) if input_files is not None \
-            else dataset_inputs(m, args.from_dataset, args.target_label, run_split(m, "test", args.data_root))
+    if input_files is not None:
+        x_in = to_float(torch.stack([load_image_file(f, m.d_ckpt["image_size"]) for f in input_files]))
+        names = [os.path.splitext(os.path.basename(f))[0] for f in input_files]
+    elif cf_mode:
+        x_in, names = dataset_inputs(m, args.from_dataset, args.target_label, run_split(m, "test", args.data_root))
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.output)), "output folder")
     ensure_writable_dir(stem, "sample folder")
     amp = autocast(device, amp_dtype(device, args.precision))
@@ -554,17 +560,14 @@ def main() -> int:
                                                  localize=not args.no_localize, mask_threshold=args.mask_threshold,
                                                  preserve=args.preserve, invert=args.invert, **kw)
         seconds = time.time() - t0
-        tiles, summary, records = report_counterfactuals(m, x_in, x_cf, masks, used, args.target_label, names)
-        grid, files = grid_image(tiles, nrow=3), {r["file"]: x_cf[r["index"]] for r in records}
+        grid, files, summary, records = report_counterfactuals(m, x_in, x_cf, masks, used, args.target_label, names)
     else:
         results = {s: generate_images(m, args.target_label, s, n=args.num_samples, **kw) for s in scales}
         seconds = time.time() - t0
-        name = "sample_{i:04d}.png" if len(scales) == 1 else "s{scale:g}_sample_{i:04d}.png"
-        tiles, summary, records = report_samples(m, results, args.target_label, name)
-        grid = grid_image(tiles, nrow=args.num_samples if len(scales) > 1 else math.ceil(math.sqrt(args.num_samples)))
-        files = {r["file"]: results[r["scale"]][r["index"]] for r in records}
+        grid, files, summary, records = report_samples(m, results, args.target_label)
     made = len(records)
-    calls = {"unet_calls_per_image": m.unet_calls["images"] / made, "guide_grads_per_image": m.guide_grads["images"] / made}
+    calls = {"unet_calls_per_image": m.unet_calls["images"] / made,
+             "guide_grads_per_image": m.guide_grads["images"] / made}
     write_files(stem, stem + ".json", files)
     atomic_save(grid, args.output)
     atomic_save(to_json({"args": vars(args), "mode": "counterfactual" if cf_mode else "sampling",
@@ -572,10 +575,10 @@ def main() -> int:
                          "steps": steps, "scales": scales, "seconds": round(seconds, 2), **calls, "guide": guide,
                          "oracle": m.oracle_path if m.oracle else None, "summary": summary, "samples": records}),
                 stem + ".json")
-    print_summary(summary, f"{m.attribute}={args.target_label}", steered=not args.no_guidance, has_oracle=m.oracle is not None)
-    print(f"{made} {'counterfactuals' if cf_mode else 'samples'} in {seconds:.1f} s ({calls['unet_calls_per_image']:.0f} "
-          f"UNet calls and {calls['guide_grads_per_image']:.0f} guide gradients per image); wrote {args.output}, "
-          f"{stem}{os.sep} and {stem}.json")
+    print_summary(summary, f"{m.attribute}={args.target_label}", not args.no_guidance, m.oracle is not None)
+    print(f"{made} {'counterfactuals' if cf_mode else 'samples'} in {seconds:.1f} s "
+          f"({calls['unet_calls_per_image']:.0f} UNet calls and {calls['guide_grads_per_image']:.0f} guide gradients "
+          f"per image); wrote {args.output}, {stem}{os.sep} and {stem}.json")
     return 0
 
 
