@@ -16,9 +16,6 @@ CelebA (Liu et al. 2015, https://arxiv.org/abs/1411.7766): 202,599 aligned faces
 toyfaces: cartoon faces drawn with PIL, no download. Five CelebA attributes, each an independent coin flip with one
 clear, local visual effect (see ``draw_toyface``). Image i of a split is drawn from ``np.random.default_rng((seed,
 split_code, i))``, so it does not depend on how many images are made or by how many workers.
-
-Every split is then subset: ``max(1, round(n * subset_fraction))`` items chosen by ``seed`` (independently per
-split), kept in file order.
 """
 from __future__ import annotations
 
@@ -178,11 +175,6 @@ def _subset(n: int, fraction: float, seed: int, split: str) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False))
 
 
-def _report(dataset, split, n, k, fraction, verbose):
-    if verbose:
-        print(f"{dataset} {split}: {n:,} images in split, using {k:,} ({100 * fraction:g}%)")
-
-
 # ----------------------------------------------------------------------------------------------
 # toyfaces
 
@@ -329,7 +321,6 @@ def toyface_counterfactuals(names: list, split: str, image_size: int, seed: int,
 def _build_toyfaces(split, image_size, fraction, seed, num_workers, verbose):
     n = TOYFACES_SPLIT_SIZES[split]
     idx = _subset(n, fraction, seed, split)
-    _report("toyfaces", split, n, len(idx), fraction, verbose)
     jobs = [(seed, SPLITS.index(split), int(i), image_size) for i in idx]
     images = _image_array(len(jobs), image_size)
     attrs = np.empty((len(jobs), len(TOYFACES_ATTRIBUTES)), dtype=np.uint8)
@@ -439,7 +430,6 @@ def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose
     if n == 0:
         raise DataError(f"'{files['partition']}' puts no image in split '{split}'; download it again")
     idx = in_split[_subset(n, fraction, seed, split)]
-    _report("celeba", split, n, len(idx), fraction, verbose)
     jobs = [(os.path.join(files["images"], names[i]), image_size) for i in idx]
     images = _image_array(len(jobs), image_size)
     ok = np.ones(len(jobs), dtype=bool)
@@ -470,33 +460,27 @@ def _file_sha1(path: str) -> str:
         raise DataError(f"cannot read '{path}' ({e.strerror}); check its permissions, or download it again") from None
 
 
-def _cache_paths(cache_dir: str, key: dict) -> tuple[str, str]:
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    stem = os.path.join(cache_dir, f"{key['dataset']}_{key['split']}_{key['image_size']}px_{digest}")
-    return stem + ".npy", stem + ".json"
-
-
-def _load_cache(npy_path: str, json_path: str, key: dict):
-    """-> (images, attrs, names, n_original, n_skipped), or None if there is no valid cache."""
-    if not (os.path.isfile(npy_path) and os.path.isfile(json_path)):
+def _load_cache(stem: str, key: dict):
+    """<stem>.npy and .json -> (images, attrs, names, n_original, n_skipped), or None if there is no valid cache."""
+    if not (os.path.isfile(stem + ".npy") and os.path.isfile(stem + ".json")):
         return None
     try:
-        with open(json_path, encoding="utf-8") as f:
+        with open(stem + ".json", encoding="utf-8") as f:
             meta = json.load(f)
-        images = np.load(npy_path, mmap_mode="c")  # copy-on-write: pages are read on demand
+        images = np.load(stem + ".npy", mmap_mode="c")  # copy-on-write: pages are read on demand
         n, S = len(meta["names"]), key["image_size"]
         assert meta["key"] == key and images.shape == (n, 3, S, S) and images.dtype == np.uint8
         attrs = (np.frombuffer("".join(meta["attrs"]).encode(), dtype=np.uint8) - ord("0")).reshape(n, -1)
     except (OSError, ValueError, KeyError, AssertionError) as e:
-        print(f"warning: ignoring damaged cache {npy_path} ({type(e).__name__}); rebuilding", file=sys.stderr)
+        print(f"warning: ignoring damaged cache {stem}.npy ({type(e).__name__}); rebuilding", file=sys.stderr)
         return None
     return images, attrs, meta["names"], meta["n_original"], meta["n_skipped"]
 
 
-def _save_cache(npy_path, json_path, key, images, attrs, names, n_original, n_skipped):
-    atomic_save(images, npy_path)  # the .json goes last: it marks the cache as complete
+def _save_cache(stem, key, images, attrs, names, n_original, n_skipped):
+    atomic_save(images, stem + ".npy")  # the .json goes last: it marks the cache as complete
     atomic_save(to_json({"key": key, "n_original": n_original, "n_skipped": n_skipped, "names": names,
-                         "attrs": [bytes(row + ord("0")).decode() for row in attrs]}), json_path)
+                         "attrs": [bytes(row + ord("0")).decode() for row in attrs]}), stem + ".json")
 
 
 def load_split(dataset: str, split: str, image_size: int, data_root: str = "./data",
@@ -531,28 +515,27 @@ def load_split(dataset: str, split: str, image_size: int, data_root: str = "./da
     else:
         key.update(sizes=TOYFACES_SPLIT_SIZES)
 
-    paths = cached = None
+    cached = note = None
     if cache_dir is not None:
         try:
             ensure_writable_dir(cache_dir, "cache folder")
         except UserError:
             raise DataError(f"cannot create or write the cache folder '{cache_dir}'; pass a writable --cache_dir, "
                             f"or none to decode without caching") from None
-        paths = _cache_paths(cache_dir, key)
-        cached = _load_cache(*paths, key)
-    if cached is not None:
-        _report(dataset, split, cached[3], len(cached[2]), subset_fraction, verbose)
-        if verbose:
-            print(f"using cache {paths[0]}")
-    else:
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        stem = os.path.join(cache_dir, f"{dataset}_{split}_{image_size}px_{digest}")
+        cached, note = _load_cache(stem, key), f"using cache {stem}.npy"
+    if cached is None:
         if dataset == "celeba":
             cached = _build_celeba(files, split, image_size, subset_fraction, seed, num_workers, verbose)
         else:
             cached = _build_toyfaces(split, image_size, subset_fraction, seed, num_workers, verbose)
-        if paths is not None:
-            _save_cache(*paths, key, *cached)
-            if verbose:
-                print(f"saved cache {paths[0]}")
+        if cache_dir is not None:
+            _save_cache(stem, key, *cached)
+            note = f"saved cache {stem}.npy"
     images, attrs, names, n_original, n_skipped = cached
+    if verbose:
+        print(f"{dataset} {split}: {n_original:,} images in split, using {len(names) + n_skipped:,} "
+              f"({100 * subset_fraction:g}%)" + (f"\n{note}" if note else ""))
     return ImageSplit(images=torch.from_numpy(images), attrs=torch.from_numpy(np.array(attrs)), attr_names=attr_names,
                       names=list(names), split=split, n_original=n_original, n_skipped=n_skipped)
