@@ -332,15 +332,14 @@ class GaussianDiffusion:
         return x_prev, (x0, h)
 
     @torch.no_grad()
-    def ddim_invert(self, model: nn.Module, x0: torch.Tensor, t_start: int, steps: Optional[int] = None,
-                    progress: bool = False) -> torch.Tensor:
+    def ddim_invert(self, model: nn.Module, x0: torch.Tensor, t_start: int, steps: Optional[int] = None):
         """Deterministic DDIM encoding x_0 -> x_{t_start}: DDIM Eq. 12 run forwards in time (Sec. 4.3) over the
         timesteps ``sample`` walks back down, eps taken at the current step (the clean image as t = 0), no
         clipping; DDIM from the result without clipping gives x_0 back up to discretisation error."""
         seq = self.timestep_sequence(steps, t_start)[::-1]                    # ascending
         seq = [0] + seq if seq[0] != 0 else seq
         x, B = x0, x0.shape[0]
-        for t, t_next in tqdm(list(zip(seq[:-1], seq[1:])), desc="ddim inversion", disable=not progress, leave=False):
+        for t, t_next in zip(seq[:-1], seq[1:]):
             tt, tn = (torch.full((B,), s, device=x.device, dtype=torch.long) for s in (t, t_next))
             eps, x0_hat = self.guided_eps_x0(model, x, tt, clip=False)
             x = self.ddim_sample(x, tt, tn, x0_hat, eps)
