@@ -384,7 +384,8 @@ def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, 
 # Inputs and outputs
 
 
-def list_input_images(paths: list) -> list:
+def list_input_images(paths: list, output: str) -> list:
+    """The image files of --input, folders read in name order, checked against --output's files."""
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -396,22 +397,18 @@ def list_input_images(paths: list) -> list:
             files.append(p)
         else:
             raise UserError(f"--input '{p}' does not exist; pass image files or folders")
-    return files
-
-
-def check_outputs_spare_inputs(output: str, inputs: list, input_files: list) -> None:
-    """The grid, its .json and its sample folder must not overwrite an --input image or land in an --input
-    folder, where the next run would read them as inputs; nor may an input sit in the sample folder, whose
-    files a rerun replaces."""
+    # The grid, its .json and its sample folder must not overwrite an --input image or land in an --input folder,
+    # where the next run would read them as inputs; nor may an input sit in the sample folder, which a rerun replaces.
     stem = os.path.splitext(output)[0]
     written = {os.path.realpath(p) for p in (output, stem + ".json")}
     into = {os.path.dirname(w) for w in written} | {os.path.realpath(stem)}
-    clash = [p for p in inputs if os.path.isdir(p) and os.path.realpath(p) in into]
-    clash += [f for f in input_files if os.path.realpath(f) in written
+    clash = [p for p in paths if os.path.isdir(p) and os.path.realpath(p) in into]
+    clash += [f for f in files if os.path.realpath(f) in written
               or os.path.dirname(os.path.realpath(f)) == os.path.realpath(stem)]
     if clash:
         raise UserError(f"--output '{output}' would write over or into --input '{clash[0]}'; "
                         f"choose an --output outside the inputs")
+    return files
 
 
 def dataset_inputs(m, n: int, target: int, split):
@@ -518,16 +515,11 @@ def print_summary(summary: dict, want: str, steered: bool, has_oracle: bool) -> 
               + ("; trust the oracle's" if has_oracle else "; train an oracle (train.py --oracle_epochs) for one"))
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def main() -> int:
     parser = get_parser()
     args = parser.parse_args()
     cf_mode = check_args(args, parser)
-    input_files = list_input_images(args.input) if args.input is not None else None
-    if input_files is not None:
-        check_outputs_spare_inputs(args.output, args.input, input_files)
+    input_files = list_input_images(args.input, args.output) if args.input is not None else None
     device = resolve_device(args.device, "sampling")
     guide = args.classifier_model if not args.no_guidance or os.path.isfile(args.classifier_model) else None
     oracle = args.oracle_model or os.path.join(os.path.dirname(guide or args.diffusion_model), "oracle_best.pth")
