@@ -143,18 +143,15 @@ def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
 
 
 def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint") -> dict:
-    """Load one of our checkpoints safely (``weights_only=True``) and check what it is.
-
-    A pickle that would run code, a truncated file, another project's file or the wrong kind of
-    checkpoint raises ``UserError`` with the path and the fix; nothing in the file is executed.
-    """
+    """Load one of our checkpoints safely (``weights_only=True``) and check what it is: a pickle that would run code,
+    a truncated file, another project's file or the wrong kind of checkpoint raises ``UserError`` with the path and
+    the fix; nothing in the file is executed."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} '{path}' not found; train one with train.py or pass the right path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        found = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+        found = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
         if found:        # a pickle that names code to run: refused, nothing executed
             raise UserError(f"{flag} '{path}' was refused by the safe loader (weights_only=True): "
                             f"{found[0][:160]} — it may run code on load; use only checkpoints written by "
@@ -179,9 +176,8 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
-    """The layout of the networks and their image batches on ``device``, one choice for training, sampling and
-    the benchmarks: channels_last on CUDA, where cuDNN's convolutions take it natively, PyTorch's default NCHW
-    elsewhere."""
+    """The layout of the networks and their batches on ``device``, for training, sampling and the benchmarks:
+    channels_last on CUDA, where cuDNN's convolutions take it natively, PyTorch's default NCHW elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
