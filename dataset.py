@@ -310,12 +310,9 @@ def toyface_counterfactuals(names: list, split: str, image_size: int, seed: int,
     them) redrawn with only ``attribute`` set to ``value``. -> uint8 (N, 3, S, S). Real data has no such ground
     truth; here it measures how far a generated counterfactual is from the true one, and how often the oracle
     itself reports other attributes changed on a perfect edit."""
-    out = np.empty((len(names), 3, image_size, image_size), dtype=np.uint8)
-    for k, name in enumerate(names):
-        i = int(name.rsplit("_", 1)[1].split(".")[0])
-        img, _ = draw_toyface((seed, SPLITS.index(split), i), image_size, {attribute: value})
-        out[k] = img.transpose(2, 0, 1)
-    return out
+    keys = [(seed, SPLITS.index(split), int(name.rsplit("_", 1)[1].split(".")[0])) for name in names]
+    faces = np.stack([draw_toyface(key, image_size, {attribute: value})[0] for key in keys])   # (N, S, S, 3)
+    return np.ascontiguousarray(faces.transpose(0, 3, 1, 2))
 
 
 def _build_toyfaces(split, image_size, fraction, seed, num_workers, verbose):
