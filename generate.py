@@ -450,19 +450,23 @@ def write_files(folder: str, json_path: str, files: dict) -> None:
 
 
 def report_samples(m, results: dict, target: int) -> tuple:
-    """Samples from noise {scale: (N,3,S,S)}: per scale the guide's and the oracle's target rates; a square grid, or
-    a row per scale. -> (grid, {file: image}, summary, records)"""
+    """Samples from noise {scale: (N,3,S,S)}: per scale the oracle's and the guide's target rates, printed; a square
+    grid, or a row per scale. -> (grid, {file: image}, summary, records)"""
     summary, records, tiles, n = {}, [], [], len(next(iter(results.values())))
     names = "sample_{i:04d}.png" if len(results) == 1 else "s{scale:g}_sample_{i:04d}.png"
     for scale, x in results.items():
-        s, p_guide, p_oracle = {"n": x.shape[0]}, None, None
+        key, s, p_guide, p_oracle, line = f"scale_{scale:g}" if scale else "unguided", {"n": len(x)}, None, None, ""
         if m.guide is not None:                              # p(target) = p(present), or 1 - it toward 0
             p_guide = p_target(guide_probabilities(m, x)[:, m.guide.cfg.target_index], target)
             s.update(guide_target_rate=hit_rate(p_guide, 1), guide_mean_p=p_guide.mean().item())
+            line = f"  guiding classifier: {s['guide_target_rate']:.1%} are {m.attribute}={target}"
         if m.oracle is not None:
             p_oracle = p_target(oracle_probabilities(m, x)[:, m.target_index], target)
             s.update(oracle_target_rate=hit_rate(p_oracle, 1), oracle_mean_p=p_oracle.mean().item())
-        summary["unguided" if scale == 0 else f"scale_{scale:g}"] = s
+            line = (f"  oracle (independent): {s['oracle_target_rate']:.1%} of {len(x)} are {m.attribute}={target}, "
+                    f"mean p {s['oracle_mean_p']:.2f}" + line)
+        print(f"[{key}]" + line)
+        summary[key] = s
         for i in range(x.shape[0]):
             records.append({"index": i, "scale": scale, "file": names.format(scale=scale, i=i),
                             "guide_p_target": None if p_guide is None else round(p_guide[i].item(), 4),
@@ -478,8 +482,13 @@ def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list)
     o_before = oracle_probabilities(m, x_in) if m.oracle is not None else None
     o_after = oracle_probabilities(m, x_cf) if m.oracle is not None else None
     g_before, g_after = guide_probabilities(m, x_in), guide_probabilities(m, x_cf)           # (N,A)
-    summary = counterfactual_metrics(m, x_in, x_cf, target, o_before, o_after, g_after)
-    summary.update(mask_area=masks.mean().item(), scale_used={f"{s:g}": int((used == s).sum()) for s in used.unique()})
+    s = counterfactual_metrics(m, x_in, x_cf, target, o_before, o_after, g_after)
+    s.update(mask_area=masks.mean().item(), scale_used={f"{v:g}": int((used == v).sum()) for v in used.unique()})
+    oracle = f"flip rate (oracle, independent) {s['flip_rate_oracle']:.1%}  MNAC {s['mnac']:.2f}  " \
+        if m.oracle is not None else ""
+    print(f"[counterfactuals]  {oracle}flip rate (guiding classifier) {s['flip_rate_guide']:.1%}  L1 "
+          f"{s['l1_mean']:.4f} ± {s['l1_std']:.4f}  mask {s['mask_area']:.1%} of the image  scale used: "
+          + ", ".join(f"{k} for {v}" for k, v in s["scale_used"].items()))
     k, flip = m.guide.cfg.target_index, lambda p: p_target(p, target)
     tiles, records = [], []
     for i, (name, a, b, d) in enumerate(zip(names, to_uint8(x_in), to_uint8(x_cf), difference_map(x_in, x_cf))):
@@ -494,25 +503,7 @@ def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list)
                        oracle_p_target=round(flip(o_after[i, m.target_index]).item(), 4))
         records.append(rec)
     files = {r["file"]: x_cf[r["index"]] for r in records}
-    return grid_image(np.stack(tiles), nrow=3), files, {"counterfactuals": summary}, records
-
-
-def print_summary(summary: dict, want: str, steered: bool, has_oracle: bool) -> None:
-    for key, s in summary.items():
-        line = [f"[{key}]"]
-        if "flip_rate_guide" in s:
-            line += [f"flip rate (oracle, independent) {s['flip_rate_oracle']:.1%}  MNAC {s['mnac']:.2f}"
-                     if "flip_rate_oracle" in s else "", f"flip rate (guiding classifier) {s['flip_rate_guide']:.1%}",
-                     f"L1 {s['l1_mean']:.4f} ± {s['l1_std']:.4f}", f"mask {s['mask_area']:.1%} of the image",
-                     "scale used: " + ", ".join(f"{k} for {v}" for k, v in s["scale_used"].items())]
-        else:
-            line += [f"oracle (independent): {s['oracle_target_rate']:.1%} of {s['n']} are {want}, mean p "
-                     f"{s['oracle_mean_p']:.2f}" if "oracle_target_rate" in s else "",
-                     f"guiding classifier: {s['guide_target_rate']:.1%} are {want}" if "guide_target_rate" in s else ""]
-        print("  ".join(x for x in line if x))
-    if steered:
-        print("note: the guiding classifier steered these images, so its verdict is not an independent judge"
-              + ("; trust the oracle's" if has_oracle else "; train an oracle (train.py --oracle_epochs) for one"))
+    return grid_image(np.stack(tiles), nrow=3), files, {"counterfactuals": s}, records
 
 
 def main() -> int:
@@ -567,7 +558,9 @@ def main() -> int:
                          "steps": steps, "scales": scales, "seconds": round(seconds, 2), **calls, "guide": guide,
                          "oracle": m.oracle_path if m.oracle else None, "summary": summary, "samples": records}),
                 stem + ".json")
-    print_summary(summary, f"{m.attribute}={args.target_label}", not args.no_guidance, m.oracle is not None)
+    if not args.no_guidance:
+        print("note: the guiding classifier steered these images, so its verdict is not an independent judge; " + (
+            "trust the oracle's" if m.oracle is not None else "train an oracle (train.py --oracle_epochs) for one"))
     print(f"{made} {'counterfactuals' if cf_mode else 'samples'} in {seconds:.1f} s "
           f"({calls['unet_calls_per_image']:.0f} UNet calls and {calls['guide_grads_per_image']:.0f} guide gradients "
           f"per image); wrote {args.output}, {stem}{os.sep} and {stem}.json")
