@@ -37,9 +37,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 RUN_FILES = ("diffusion_final.pth", "classifier_best.pth", "oracle_best.pth")     # what a train.py run leaves
 # The defaults, measured on toyfaces with the usual guide and with one held at a real guide's accuracy
 # (docs/results.md): a single scale for samples from noise; for counterfactuals a ladder of scales, each image
-# taking the first at which the guide calls it flipped (as DiME), with localisation and preservation.
+# taking the first at which the guide calls it flipped (as DiME), from the input's DDIM inversion, with
+# localisation and preservation.
 SAMPLE_DEFAULTS = {"guidance_scale": [60.0], "sampler": "ddpm", "steps": 100}
-EDIT_DEFAULTS = {"guidance_scale": [30.0, 60.0, 120.0], "sampler": "dpmpp2m", "steps": 20, "strength": 0.5,
+EDIT_DEFAULTS = {"guidance_scale": [30.0, 60.0, 120.0], "sampler": "ddim", "steps": 20, "strength": 0.5,
                  "preserve": 1.0}
 
 
@@ -77,9 +78,10 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--strength", type=float, default=EDIT_DEFAULTS["strength"],
                    help="counterfactual noise level: start step t0 = round(strength * T) - 1; 0 returns the input, "
                         "1 is free generation")
-    p.add_argument("--invert", action="store_true",
-                   help="counterfactuals: reach x_t0 by deterministic DDIM inversion instead of fresh noise (needs "
-                        "--sampler ddim; runs in fp32 without clipping, so that it round-trips)")
+    p.add_argument("--no_invert", action="store_true",
+                   help="counterfactuals: reach x_t0 by q_sample with fresh noise (SDEdit) instead of the default "
+                        "deterministic DDIM inversion (fp32, no clipping, so that it round-trips), which the ddim "
+                        "sampler alone takes; the other samplers always start from fresh noise")
     p.add_argument("--no_localize", action="store_true",
                    help="counterfactuals: let the whole image change (by default only where guidance changed it: an "
                         "ACE-style mask from a guided and an unguided run, the rest stays the input pixel for pixel)")
@@ -108,8 +110,10 @@ def check_args(args, parser) -> bool:
     if args.no_guidance and cf_mode:
         raise UserError("--no_guidance with --input/--from_dataset would only re-noise and denoise; drop --no_guidance")
     # a flag written out that would do nothing here is a mistake to report: {flag: what it does, if idle}
-    idle = {**dict.fromkeys(("strength", "invert", "no_localize", "preserve"),
+    sampler = args.sampler or EDIT_DEFAULTS["sampler"]
+    idle = {**dict.fromkeys(("strength", "no_localize", "preserve"),
                             not cf_mode and "works on --input/--from_dataset counterfactuals"),
+            "no_invert": (not cf_mode or sampler != "ddim") and "turns off the DDIM inversion of ddim counterfactuals",
             "mask_threshold": (not cf_mode or args.no_localize) and "shapes the localisation mask of counterfactuals",
             "num_samples": cf_mode and ("sets the number of samples from noise; counterfactuals make one per input "
                                         "image"),
@@ -121,9 +125,6 @@ def check_args(args, parser) -> bool:
         raise UserError(f"--{flag} {idle[flag]}, so it would do nothing in this run; drop it")
     if not 0.0 <= args.mask_threshold < 1.0:
         raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
-    if args.invert and (args.sampler or EDIT_DEFAULTS["sampler"]) != "ddim":
-        raise UserError("--invert needs --sampler ddim (the inversion runs DDIM's step forwards); add it or drop "
-                        "--invert")
     stem, ext = os.path.splitext(args.output)
     if ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
@@ -281,14 +282,15 @@ def tf32_convolutions(allowed: bool):
 
 
 def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, strength=EDIT_DEFAULTS["strength"],
-                         localize=True, mask_threshold=0.05, preserve=EDIT_DEFAULTS["preserve"], invert=False,
+                         localize=True, mask_threshold=0.05, preserve=EDIT_DEFAULTS["preserve"], invert=True,
                          sampler=EDIT_DEFAULTS["sampler"], steps=EDIT_DEFAULTS["steps"], **sample_kw):
     """Counterfactuals of ``x_in`` (N,3,S,S) toward ``target``, by default with the measured recipe: encode to
     t0 = round(strength * T) - 1, then a guided run per scale of the ladder ``scales`` for the images the guide
     does not yet call flipped (as DiME retries). With ``localize`` (ACE-style) each run is compared with an
     unguided one from the same x_t0 and noise, and a second guided run repaints only inside ``edit_mask``: outside
-    it the output is the input, pixel for pixel. With ``invert``: DDIM inversion, no clipping and fp32
-    throughout, so that an unguided edit gives the input back. ``sample_kw``: seed, batch_size, amp.
+    it the output is the input, pixel for pixel. With ``invert`` and the ddim sampler: x_t0 by DDIM inversion, no
+    clipping and fp32 throughout, so that an unguided edit gives the input back; else q_sample (SDEdit).
+    ``sample_kw``: seed, batch_size, amp.
     -> (N,3,S,S) counterfactuals, (N,1,S,S) masks (ones without ``localize``), (N,) the scale each used."""
     scales, x_in = EDIT_DEFAULTS["guidance_scale"] if scales is None else scales, x_in.cpu()
     sample_kw.update(sampler=sampler, steps=steps)
@@ -296,6 +298,7 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
     out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
     if t0 < 0:                                                # strength 0: the inputs themselves
         return out, masks, used
+    invert = invert and sampler == "ddim"                     # inversion is DDIM's step run forwards
     if invert:                    # fp32: no autocast, and no TF32 convolutions (below), no clipping
         sample_kw.update(clip=False, amp=None)
     keep = guide_probabilities(m, x_in) if preserve > 0 else None        # the soft targets --preserve holds
@@ -541,7 +544,7 @@ def main() -> int:
     if cf_mode:
         x_cf, masks, used = make_counterfactuals(m, x_in, args.target_label, scales, strength=args.strength,
                                                  localize=not args.no_localize, mask_threshold=args.mask_threshold,
-                                                 preserve=args.preserve, invert=args.invert, **kw)
+                                                 preserve=args.preserve, invert=not args.no_invert, **kw)
         seconds = time.time() - t0
         grid, files, summary, records = report_counterfactuals(m, x_in, x_cf, masks, used, args.target_label, names)
     else:

@@ -98,15 +98,15 @@ def test_the_ladder_keeps_the_first_scale_that_flips():
 
 def test_the_unguided_run_is_repeated_only_for_ddpm():
     """DDPM's unguided run for the mask is redrawn per rung (same subset, same noise as the guided run); a
-    deterministic sampler's is computed once. Counted through the UNet's counter."""
+    deterministic sampler's is computed once; DDIM alone inverts. Counted through the UNet's counter."""
     x = half_images([-0.1, -0.2, -0.5, -0.6])
     for sampler in ("ddpm", "ddim", "dpmpp2m"):
         m = stub_models()
         _, _, used = cf(m, x, [0.25, 2.0, 8.0], sampler=sampler)
         tried = sum([0.25, 2.0, 8.0].index(s) + 1 for s in used.tolist())
         assert tried > 4, sampler                           # some image went up the ladder
-        unguided = tried if sampler == "ddpm" else 4
-        assert m.unet_calls["images"] == CALLS * (4 + unguided + 2 * tried), sampler
+        unguided, inversion = tried if sampler == "ddpm" else 4, 4 if sampler == "ddim" else 0
+        assert m.unet_calls["images"] == CALLS * (inversion + unguided + 2 * tried), sampler
 
 
 def test_localised_counterfactuals_keep_the_input_outside_the_mask():
@@ -294,3 +294,14 @@ def test_oracle_checkpoint_round_trip(toy_run):
     acc = accuracy(run_like, test, m.oracle)
     assert m.oracle(to_float(test.images[:2])).shape == (2, 5)
     assert ckpt["test_acc"] == {n: round(v, 4) for n, v in zip(ckpt["attr_names"], acc.tolist())}
+
+
+def test_inversion_is_the_ddim_samplers_alone():
+    """invert=True is the default, but only DDIM runs its step forwards: with DDPM the inputs are noised by q_sample
+    and every network call keeps the autocast it is handed (an inverted run would switch it off)."""
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    m = stub_models(net=AutocastProbe(), guide=NoisyClassifier(ClassifierConfig(
+        image_size=8, base_channels=16, channel_mult=(1, 2), num_outputs=3, target_index=0)).eval())
+    make_counterfactuals(m, x, 1, [0.0], strength=0.5, steps=T, sampler="ddpm", localize=False, preserve=0.0,
+                         amp=autocast(CPU, torch.bfloat16))
+    assert len(m.net.autocast) == 500 and all(m.net.autocast)                  # sampling 499 -> 0, no inversion

@@ -262,10 +262,12 @@ def test_counterfactuals_with_the_mode_defaults(toy_run, tmp_path):
         if r["scale"] != scales[-1]:                   # it stopped early: the guide called it flipped
             assert r["guide_p_target"] >= 0.5, r
         tried.append(scales.index(r["scale"]) + 1)
-    # per rung: a guided run and its localised repaint (and, for DDPM, an unguided run) of the images left
+    # per rung: a guided run and its localised repaint (and, for DDPM, an unguided run) of the images left; with
+    # DDIM the inversion and one unguided run of every image
     calls = math.ceil(steps * (round(EDIT_DEFAULTS["strength"] * 100)) / 100)
-    unguided = sum(tried) if report["sampler"] == "ddpm" else n
-    assert report["unet_calls_per_image"] == pytest.approx(calls * (2 * sum(tried) + unguided) / n)
+    once = {"ddpm": 0, "ddim": 2 * n}.get(report["sampler"], n)
+    unguided = sum(tried) if report["sampler"] == "ddpm" else 0
+    assert report["unet_calls_per_image"] == pytest.approx(calls * (2 * sum(tried) + unguided + once) / n)
     assert report["guide_grads_per_image"] == pytest.approx(calls * 2 * sum(tried) / n)
     # the grid: one row per input, 3 columns; the first is the input itself, the second the file written
     grid = np.asarray(Image.open(tmp_path / "cf.png"))
@@ -415,8 +417,8 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--input", "garbage.png"], ["garbage.png"]),
     (["--input", "empty"], ["--input folder 'empty' holds no images"]),
     (["--input", "faces", "--from_dataset", "4"], ["--input and --from_dataset both given"]),
-    (["--invert", "--from_dataset", "4"], ["--invert", "--sampler ddim"]),
-    (["--invert", "--sampler", "ddim"], ["--invert works on --input/--from_dataset", "drop it"]),
+    (["--no_invert", "--from_dataset", "4", "--sampler", "ddpm"], ["--no_invert turns off the DDIM inversion", "drop it"]),
+    (["--no_invert"], ["--no_invert turns off the DDIM inversion", "drop it"]),
     (["--no_localize"], ["--no_localize works on --input/--from_dataset", "drop it"]),
     (["--preserve", "0.5"], ["--preserve works on --input/--from_dataset", "drop it"]),
     (["--mask_threshold", "0.1"], ["--mask_threshold shapes the localisation mask", "drop it"]),
