@@ -11,9 +11,8 @@ Timestep convention, used everywhere in this project: t is an integer in [0, T-1
 noising step (the paper's t = 1), so alphas_cumprod[t] = prod_{s <= t} (1 - betas[s]) and x_0 is the
 clean image. A "previous" step t_prev = -1 means the clean image, with alphas_cumprod[-1] := 1.
 
-``GaussianDiffusion`` holds the noise schedule and the maths only. The network is an argument of every
-method that needs it, and guidance arrives as ``cond_fn(x_t, t) -> s * grad_x log p(y | x_t, t)``;
-this module knows nothing about classifiers.
+``GaussianDiffusion`` holds the schedule and the maths; the network and ``cond_fn(x_t, t) -> s * grad_x log
+p(y | x_t, t)`` are arguments, so this module knows nothing about classifiers.
 """
 from __future__ import annotations
 
@@ -102,11 +101,8 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map. (B,C,H,W) -> (B,C,H,W).
-
-    softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1) through ``F.scaled_dot_product_attention``, which
-    picks a fused kernel on GPUs. q/k/v and the output projection are 1x1 convolutions.
-    """
+    """Multi-head self-attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1) over the H*W positions,
+    q/k/v and output projection by 1x1 convolutions. (B,C,H,W) -> (B,C,H,W)."""
 
     def __init__(self, ch: int, num_heads: int = 4, groups: int = 32):
         super().__init__()
@@ -239,8 +235,8 @@ class GaussianDiffusion:
         self._on_device = {}
 
     def alpha_bar(self, t: torch.Tensor, ndim: int = 4) -> torch.Tensor:
-        """alphas_cumprod[t] for t (B,) in [-1, T-1], as (B, 1, 1, 1): the table is copied to t's device once (a
-        copy in every step would make the host wait for the GPU each time)."""
+        """alphas_cumprod[t] for t (B,) in [-1, T-1], as (B, 1, 1, 1), from a copy on t's device made once (a copy
+        per step would make the host wait for the GPU)."""
         key = str(t.device)
         if key not in self._on_device:
             self._on_device[key] = self._abar.to(t.device, torch.float32 if t.device.type == "mps" else torch.float64)
@@ -279,14 +275,9 @@ class GaussianDiffusion:
 
     def guided_eps_x0(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                       cond_fn: Optional[CondFn] = None, clip: bool = True):
-        """The network's eps, shifted by the classifier's score, and the x_0 it implies; every sampler uses this.
-
-        In openai/guided-diffusion's order (``condition_score``): x0_hat from the network's eps, clipped to [-1, 1]
-        (``clip``); eps recomputed from it; then the shift
-            eps_hat = eps - sqrt(1 - abar_t) * s * grad log p(y | x_t, t)       (Dhariwal & Nichol 2021, Eq. 14)
-        (cond_fn returns s * grad) and x0_hat from eps_hat, not clipped again. Both DDPM and DDIM take this
-        eps-shift (guided-diffusion's DDPM shifts the mean instead, its Alg. 1), so a scale means the same for all.
-        """
+        """(eps_hat, x0_hat) for every sampler, in guided-diffusion's order (``condition_score``): x0_hat from the
+        network's eps, clipped (``clip``), eps recomputed from it, then eps_hat = eps - sqrt(1 - abar_t) * s * grad
+        log p(y | x_t, t) (Dhariwal & Nichol 2021, Eq. 14; cond_fn returns s * grad) and x0_hat from eps_hat."""
         with torch.no_grad():
             eps = model(x_t, t).float()
         x0 = self.predict_x0(x_t, t, eps)
@@ -310,32 +301,26 @@ class GaussianDiffusion:
         return abar_prev.sqrt().to(x_t.dtype) * x0 + (1 - abar_prev).sqrt().to(x_t.dtype) * eps
 
     def dpmpp2m_sample(self, x_t, t, t_prev, x0, history=None) -> tuple:
-        """One DPM-Solver++(2M) step x_t -> x_{t_prev} in data-prediction form.             DPM-Solver++ Alg. 2
-
-        With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and h = lambda_prev - lambda_t:
-            x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D
-        where D = x0_hat for a first-order step (no history), else, with r = h_last / h,
-            D = (1 + 1 / (2r)) x0_hat - (1 / (2r)) x0_hat_last.
-        (The step to the clean image, sigma = 0 and h = inf, is x0_hat itself: ``sample`` takes it.) ``history`` is
-        (x0_hat, h) of the last step or None; returns (x_prev, the history for the next step).
-        """
+        """One DPM-Solver++(2M) step x_t -> x_{t_prev}, data prediction (DPM-Solver++ Alg. 2; the step to the clean
+        image is x0_hat itself, which ``sample`` takes). ``history``: (x0_hat, h) of the last step or None.
+        -> (x_prev, the history for the next step)"""
         abar, abar_prev = self.alpha_bar(t, x_t.dim()), self.alpha_bar(t_prev, x_t.dim())
-        lam = lambda a: 0.5 * (a.log() - (1 - a).log())                       # log(alpha / sigma)
+        lam = lambda a: 0.5 * (a.log() - (1 - a).log())                       # lambda = log(alpha / sigma)
         h = lam(abar_prev) - lam(abar)
-        d = x0
-        if history is not None:
+        d = x0                                                                 # D: first order without a history
+        if history is not None:                                                # D = (1 + 1/2r) x0 - 1/2r x0_last
             x0_last, h_last = history
             r = h_last / h
             d = ((1 + 1 / (2 * r)).to(x0.dtype) * x0 - (1 / (2 * r)).to(x0.dtype) * x0_last)
+        # x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D
         x_prev = ((1 - abar_prev) / (1 - abar)).sqrt().to(x_t.dtype) * x_t \
             - (abar_prev.sqrt() * torch.expm1(-h)).to(x_t.dtype) * d
         return x_prev, (x0, h)
 
     @torch.no_grad()
     def ddim_invert(self, model: nn.Module, x0: torch.Tensor, t_start: int, steps: Optional[int] = None):
-        """Deterministic DDIM encoding x_0 -> x_{t_start}: DDIM Eq. 12 run forwards in time (Sec. 4.3) over the
-        timesteps ``sample`` walks back down, eps taken at the current step (the clean image as t = 0), no
-        clipping; DDIM from the result without clipping gives x_0 back up to discretisation error."""
+        """Deterministic x_0 -> x_{t_start}: DDIM Eq. 12 run forwards (Sec. 4.3) up the timesteps ``sample`` walks
+        down, eps at the current step, no clipping, so that unclipped DDIM gives x_0 back up to discretisation."""
         seq = self.timestep_sequence(steps, t_start)[::-1]                    # ascending
         seq = [0] + seq if seq[0] != 0 else seq
         x, B = x0, x0.shape[0]
@@ -361,20 +346,15 @@ class GaussianDiffusion:
                cond_fn: Optional[CondFn] = None, generator: Optional[torch.Generator] = None,
                x_t: Optional[torch.Tensor] = None, t_start: Optional[int] = None, known: Optional[tuple] = None,
                clip: bool = True, device=None, progress: bool = True) -> torch.Tensor:
-        """Run the reverse process from x_{t_start} (default: pure noise at T-1) down to x_0.
+        """Run the reverse process of ``model`` from x_{t_start} (default: noise at T-1) down to x_0 (B,C,H,W).
 
-        :param model: eps_theta(x_t, t); never stored.
-        :param shape: (B, C, H, W) of the batch.
-        :param sampler: "ddpm" (ancestral, DDPM Alg. 2), "ddim" (DDIM Eq. 12, deterministic) or "dpmpp2m"
-            (DPM-Solver++(2M), deterministic); with fewer than T steps DDPM uses the respaced posterior.
+        :param sampler: "ddpm" (DDPM Alg. 2, the respaced posterior with fewer than T steps), "ddim" (DDIM Eq. 12)
+            or "dpmpp2m" (DPM-Solver++(2M)); the last two are deterministic.
         :param steps: network calls over the full schedule (default: all T); see ``timestep_sequence``.
-        :param cond_fn: guidance, cond_fn(x_t, t) -> s * grad log p(y | x_t, t), same shape as x_t.
         :param x_t: start here instead of noise (a counterfactual's encoded input at t_start).
-        :param known: (mask, x0_known), mask (B,1,H,W) in [0, 1] and x0_known (B,C,H,W): only where mask = 1 is
-            generated; elsewhere every x_{t_prev} is q_sample(x0_known, t_prev) with fresh noise, and x_0 is
-            x0_known itself.                                                        RePaint Eq. 8-10
+        :param known: (mask (B,1,H,W), x0_known (B,C,H,W)): generate only where mask = 1; elsewhere x_{t_prev} =
+            q_sample(x0_known, t_prev) with fresh noise, and x_0 = x0_known.              RePaint Eq. 8-10
         :param clip: clip x0_hat to [-1, 1] at every step (off for DDIM inversion's round trip).
-        :returns: x_0 samples in [-1, 1], shape ``shape``.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
