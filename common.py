@@ -57,8 +57,7 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    """A flag's number must be finite and > 0 (or >= 0): a NaN or inf would otherwise pass every comparison
-    and fail (or silently poison the run) only once the work has started."""
+    """A flag's number must be finite and > 0 (or >= 0): a NaN or inf would pass every comparison."""
     if value is None:
         return
     if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
@@ -70,8 +69,6 @@ MAX_SEED = 2 ** 32 - 104730   # NumPy seeds are < 2^32 and train.py's largest pe
 
 
 def check_seed(value: int, flag: str = "--seed") -> None:
-    """A seed must be an integer in [0, MAX_SEED] (NumPy takes < 2^32, and the per-stage and per-batch offsets
-    must not push it past that, or past torch's 64 bits, halfway through a run)."""
     if not 0 <= value <= MAX_SEED:
         raise UserError(f"{flag} must be an integer in [0, {MAX_SEED}], got {value}; pass e.g. 0")
 
@@ -143,9 +140,8 @@ def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
 
 
 def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint") -> dict:
-    """Load one of our checkpoints safely (``weights_only=True``) and check what it is: a pickle that would run code,
-    a truncated file, another project's file or the wrong kind of checkpoint raises ``UserError`` with the path and
-    the fix; nothing in the file is executed."""
+    """Load one of our checkpoints with ``weights_only=True`` (nothing in it runs); a pickle that would run code, a
+    truncated file, another project's file or the wrong kind raises ``UserError`` with the path and the fix."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} '{path}' not found; train one with train.py or pass the right path")
     try:
@@ -176,8 +172,7 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
-    """The layout of the networks and their batches on ``device``, for training, sampling and the benchmarks:
-    channels_last on CUDA, where cuDNN's convolutions take it natively, PyTorch's default NCHW elsewhere."""
+    """The networks' and batches' layout: channels_last on CUDA (cuDNN's native one), NCHW elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
@@ -240,11 +235,9 @@ def grid_image(tiles: np.ndarray, nrow: int, pad: int = 2, min_tile: int = 64) -
     (nearest neighbour, integer factor) to at least ``min_tile`` pixels so a 32x32 sample is visible."""
     n, h, w, _ = tiles.shape
     k = max(1, -(-min_tile // h))
-    ncol_rows = -(-n // nrow)
-    H, W = h * k, w * k
-    canvas = np.full((ncol_rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        tile = tiles[i].repeat(k, 0).repeat(k, 1)
-        canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = tile
+    H, W = h * k + pad, w * k + pad                                         # a tile and its padding
+    canvas = np.full((-(-n // nrow) * H + pad, nrow * W + pad, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        y, x = pad + i // nrow * H, pad + i % nrow * W
+        canvas[y:y + H - pad, x:x + W - pad] = tile.repeat(k, 0).repeat(k, 1)
     return Image.fromarray(canvas)
