@@ -183,7 +183,7 @@ def load_models(diffusion_path: str, classifier_path: str | None, oracle_path: s
 
 
 def load_run(run_dir: str, device) -> SimpleNamespace:
-    """The three networks of one training run (its output folder), for evaluate.py, app.py and the benchmarks."""
+    """The three networks of one train.py --output_dir, for evaluate.py, app.py and the benchmarks."""
     if not os.path.isdir(run_dir):
         raise UserError(f"--run_dir '{run_dir}' is not a folder; pass a train.py --output_dir")
     return load_models(*(os.path.join(run_dir, f) for f in RUN_FILES), device)
@@ -256,13 +256,9 @@ def encode(m, x0: torch.Tensor, t_start: int, *, invert=False, steps=None, seed=
 
 
 def edit_mask(x_guided: torch.Tensor, x_unguided: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
-    """Where guidance changed the image: (N,3,S,S), (N,3,S,S) -> (N,1,S,S) in {0, 1}.
-
-    Both come from the same x_t0 and the same sampler noise, so their difference is guidance's doing, not the
-    model's imperfect reconstruction. |x_g - x_u| on the [0, 1] scale, averaged over channels and a 3x3 window,
-    above ``threshold``, then dilated by ``dilation`` pixels (as ACE, Jeanneret et al. 2023, post-processes its
-    pre-explanations: only the changed region, dilated, is repainted).
-    """
+    """Where guidance changed the image, (N,3,S,S) twice -> (N,1,S,S) in {0, 1}: |x_g - x_u| on the [0, 1] scale,
+    averaged over channels and a 3x3 window, above ``threshold``, dilated by ``dilation`` pixels (as ACE, Jeanneret
+    et al. 2023). Both runs share x_t0 and the sampler's noise, so the difference is guidance's doing."""
     d = (x_guided - x_unguided).abs().mean(1, keepdim=True) / 2                      # (N,1,S,S)
     d = F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)
     mask = (d > threshold).float()
@@ -271,8 +267,7 @@ def edit_mask(x_guided: torch.Tensor, x_unguided: torch.Tensor, threshold: float
 
 @contextlib.contextmanager
 def tf32_convolutions(allowed: bool):
-    """cuDNN's TF32 convolutions (on by default on Ampere and later) off inside unless ``allowed``; the process's
-    setting is restored after."""
+    """cuDNN's TF32 convolutions (on by default on Ampere and later) off inside unless ``allowed``; restored after."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = before and allowed
     try:
