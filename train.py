@@ -166,9 +166,8 @@ class Run:
             dist.barrier()
 
     def from_main(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's ``x`` on every rank. Each rank evaluates the whole split itself, and GPUs can disagree in
-        the last bit; a best-so-far decision made on differing scores would send one rank into ``save``'s
-        barrier alone, and the run would hang."""
+        """Rank 0's ``x`` on every rank: GPUs can disagree in the last bit, and a best-so-far decision made on
+        differing scores would leave one rank alone in ``save``'s barrier."""
         if self.world == 1:
             return x
         y = x.to(self.device, copy=True).contiguous()
@@ -468,10 +467,9 @@ def guide_accuracy(run, net, diffusion, split) -> dict:
 
 
 def train_guide(run, data, diffusion) -> None:
-    """1. The guide p_phi(a | x_t, t) over every attribute, on q_sample(x_0, t) with t uniform (DDPM Eq. 4).
-    classifier_best.pth keeps the epoch with the best accuracy on the steered attribute over noisy validation
-    images (mean over ``eval_timesteps``): guidance reads it at every noise level, and clean accuracy
-    saturates early."""
+    """1. The guide p_phi(a | x_t, t) over every attribute, on q_sample(x_0, t) with t uniform (DDPM Eq. 4). Its best
+    epoch is the best on the steered attribute over noisy validation images (mean over ``eval_timesteps``):
+    guidance reads it at every noise level, and clean accuracy saturates early."""
     args, k = run.args, data["attr_idx"]
     torch.manual_seed(args.seed)
     levels = max(1, min(4, args.image_size.bit_length() - 2))          # stop at a 4x4 (or larger) map
@@ -547,9 +545,8 @@ def train_oracle(run, data) -> None:
 
 
 def train_diffusion(run, data, diffusion) -> None:
-    """3. The diffusion model eps_theta(x_t, t) (DDPM Alg. 1), with an EMA of its weights for sampling. Epoch files
-    and diffusion_final.pth hold what generate.py needs (config, EMA and raw weights, schedule, args); only
-    last.pth carries the optimizer."""
+    """3. The diffusion model eps_theta(x_t, t) (DDPM Alg. 1), with an EMA of its weights for sampling; only last.pth
+    carries the optimizer."""
     args = run.args
     torch.manual_seed(args.seed + 104729)
     cfg = unet_config(args)
