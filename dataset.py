@@ -306,10 +306,8 @@ def _toyface_job(job: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray
 
 def toyface_counterfactuals(names: list, split: str, image_size: int, seed: int, attribute: str,
                             value: int) -> np.ndarray:
-    """The exact counterfactuals of toyfaces images: each face of ``names`` ("toyface_000123", as load_split names
-    them) redrawn with only ``attribute`` set to ``value``. -> uint8 (N, 3, S, S). Real data has no such ground
-    truth; here it measures how far a generated counterfactual is from the true one, and how often the oracle
-    itself reports other attributes changed on a perfect edit."""
+    """The exact counterfactuals of toyfaces images, which real data lacks: each face of ``names`` ("toyface_000123")
+    redrawn with only ``attribute`` set to ``value``. -> uint8 (N, 3, S, S)"""
     keys = [(seed, SPLITS.index(split), int(name.rsplit("_", 1)[1].split(".")[0])) for name in names]
     faces = np.stack([draw_toyface(key, image_size, {attribute: value})[0] for key in keys])   # (N, S, S, 3)
     return np.ascontiguousarray(faces.transpose(0, 3, 1, 2))

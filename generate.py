@@ -356,12 +356,10 @@ def oracle_probabilities(m, x: torch.Tensor) -> torch.Tensor:
 
 def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, o_before=None, o_after=None,
                            g_after=None) -> dict:
-    """Flip rates, MNAC and L1 of counterfactuals x_cf of x (both (N,3,S,S) in [-1, 1]).
-
-    flip rate = share of counterfactuals judged to have the target label (p > 0.5), by the guide and, when there
-    is one, by the oracle; MNAC = mean number of the *other* attributes whose oracle decision changed (DiME Sec. 5,
-    ACE); L1 = mean absolute per-pixel difference on the [0, 1] scale, per image, then mean and std.
-    """
+    """Of counterfactuals x_cf of x (both (N,3,S,S) in [-1, 1]): flip rate = share judged to have the target label
+    (p > 0.5) by the guide and, when there is one, the oracle; MNAC = mean number of the *other* attributes whose
+    oracle decision changed (DiME Sec. 5, ACE); L1 = mean absolute pixel difference on the [0, 1] scale per image,
+    then mean and std."""
     l1 = ((x - x_cf).abs() / 2).flatten(1).mean(1)                               # (N,)
     out = {"n": int(x.shape[0]), "l1_mean": l1.mean().item(), "l1_std": l1.std(unbiased=False).item()}
     if m.guide is not None:
