@@ -75,8 +75,8 @@ def make_cond_fn(classifier: NoisyClassifier, target, guidance_scale, keep=None,
     :param target: 0/1, or a (B,) tensor of them: the value the steered attribute should take.
     :param guidance_scale: s >= 0, a float or a (B,) tensor (one scale per sample).
     :param keep: None, or (B, A) probabilities of every attribute to hold (the guide's own on the inputs):
-        the guided log-probability becomes
-            log p(y | x_t) + keep_weight * mean_{j != target} [p_j log p(a_j = 1 | x_t) + (1 - p_j) log p(a_j = 0 | x_t)],
+        the guided log-probability becomes log p(y | x_t)
+            + keep_weight * mean_{j != target} [p_j log p(a_j = 1 | x_t) + (1 - p_j) log p(a_j = 0 | x_t)],
         a product of experts whose soft targets keep the other attributes as the input had them; the mean over
         the held attributes makes the weight mean the same with 4 or 39 of them.
     :returns: cond_fn(x_t, t) -> s * grad_{x_t} log p_phi(y | x_t, t), shape of x_t.
