@@ -101,9 +101,14 @@ def ensure_writable_dir(path: str, what: str = "output folder") -> str:
     return path
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)                                                # read the process's umask (os.umask sets it)
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """Write ``obj`` to a temporary file beside ``path``, fsync, then ``os.replace``, so a crash or a kill at any
-    moment leaves the previous file intact. By kind: a PIL image (format from the extension), a NumPy array (.npy),
+    moment leaves the previous file intact; the file gets the usual mode (0o666 less the umask), not mkstemp's
+    private 0o600. By kind: a PIL image (format from the extension), a NumPy array (.npy),
     text (``to_json`` for JSON), anything else with ``torch.save``."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
@@ -119,6 +124,7 @@ def atomic_save(obj: Any, path: str) -> None:
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -211,6 +211,9 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "diffusion_final.pth"
     atomic_save({"v": torch.tensor([1.0])}, str(path))
     before = path.read_bytes()
+    (tmp_path / "plain").write_text("x")                          # the mode that open() gives under this umask
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    os.remove(tmp_path / "plain")
 
     def disk_full(obj, f, *a, **k):
         f.write(b"partial")
