@@ -183,8 +183,7 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
 
     ``key`` seeds ``np.random.default_rng``, e.g. ``(seed, split_code, i)``. The attributes are drawn first, then
     every nuisance number, always the same count, so ``attrs_override`` (e.g. ``{"Smiling": 1}``) redraws the same
-    face with only that attribute changed. Drawn on a canvas of max(4S, 64) pixels, then downsampled with LANCZOS
-    by ``preprocess_pil``.
+    face with only that attribute changed. Drawn at max(4S, 64) pixels, then downsampled by ``preprocess_pil``.
       Smiling              wide U-shaped mouth, corners up (else a short, flat, slightly sad line)
       Mouth_Slightly_Open  a dark opening in the mouth (with Smiling: an open half-moon grin)
       Eyeglasses           two dark rings round the eyes and a bridge
@@ -197,43 +196,20 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
         attribute_index("toyfaces", name)
         a[name] = int(bool(value))
     u = rng.random(24)  # nuisance variables, each uniform in [0, 1)
-
     D = max(4 * size, 64)
     # geometry in units of the canvas side: head centre, height and width
     cx, cy = 0.5 + 0.08 * (u[0] - 0.5), 0.54 + 0.06 * (u[1] - 0.5)
     h = 0.55 + 0.20 * u[2]
-    w = h * (0.74 + 0.10 * u[3])
-    top = cy - h / 2
-    eye_y = cy - h * (0.03 + 0.04 * u[4])
-    eye_dx = w * (0.19 + 0.05 * u[5])  # half the distance between the eyes
+    w, top = h * (0.74 + 0.10 * u[3]), cy - h / 2
+    eye_y, eye_dx = cy - h * (0.03 + 0.04 * u[4]), w * (0.19 + 0.05 * u[5])  # eye_dx: half the eyes' distance
     brow_y = eye_y - 0.12 * h
-    mouth_y = cy + h * (0.22 + 0.03 * u[6])
-    mouth_w = w * (0.30 + 0.05 * u[7])  # half-width of a smile
+    mouth_y, mouth_w = cy + h * (0.22 + 0.03 * u[6]), w * (0.30 + 0.05 * u[7])  # mouth_w: a smile's half-width
     lw = max(1, round(max(0.045 * h * D, 0.8 * D / size)))  # line width in canvas pixels, >= ~1 px out
-
-    # colours: skin between light and dark, hair from a palette, background far from the skin
-    skin = np.array([245, 214, 184]) * (1 - u[8]) + np.array([110, 72, 50]) * u[8] + 20 * (u[9:12] - 0.5)
-    palette = np.array([[30, 24, 22], [75, 48, 30], [125, 80, 45], [160, 70, 35], [225, 190, 110], [150, 150, 155]])
-    hair = palette[int(u[12] * len(palette))] * (0.8 + 0.4 * u[13])
-    if abs(hair.mean() - skin.mean()) < 60:  # keep the hair visible: darker, or lighter on dark skin
-        hair = hair * 0.45 if skin.mean() > 100 else 255 - (255 - hair) * 0.45
-    dark = 0.45 * np.minimum(hair, skin)  # eyebrows and goatee
-    bg = 30 + 200 * u[14:17]
-    if np.abs(bg - skin).sum() < 150:
-        bg = 255 - bg
-    lips = skin * np.array([0.35, 0.15, 0.18]) + np.array([30, 0, 0])
-    frame = 20 + 50 * u[17:20]  # glasses: dark frames, or light ones on dark skin
-    if skin.mean() < 110:
-        frame = 255 - frame
-    hair_len = 0.1 + 0.35 * u[20]  # how far the hair falls below the head centre (in h)
-    hairline = top + h * (0.07 + 0.05 * u[21])
+    hair_len, hairline = 0.1 + 0.35 * u[20], top + h * (0.07 + 0.05 * u[21])  # hair_len: below the centre, in h
+    bg, skin, ears, nose, hair, dark, lips, frame = _toyface_colours(u)
 
     def px(*v):  # canvas coordinates from fractions
         return [float(t) * D for t in v]
-
-    bg, skin, ears, nose, hair, dark, lips, frame = (  # -> RGB tuples for PIL
-        tuple(int(t) for t in np.clip(c, 0, 255))
-        for c in (bg, skin, skin * 0.92, skin * 0.75, hair, dark, lips, frame))
 
     img = Image.new("RGB", (D, D), bg)
     draw = ImageDraw.Draw(img)
@@ -254,12 +230,41 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
     else:
         mdraw.ellipse(px(cx - 0.47 * w, hairline, cx + 0.47 * w, hairline + 1.3 * h), fill=0)
     img.paste(hair, (0, 0, D, D), mask)
-    # eyebrows and eyes (dark dots with a white highlight)
+    _draw_eyes(draw, a, px, cx, eye_y, eye_dx, brow_y, w, h, lw, 0.01 * h * (u[22] - 0.5), dark, frame)
+    ny = (eye_y + mouth_y) / 2 + 0.03 * h  # a hint of a nose
+    draw.arc(px(cx - 0.05 * w, ny - 0.04 * h, cx + 0.05 * w, ny + 0.03 * h), 20, 160, fill=nose, width=max(1, lw // 2))
+    if a["Goatee"]:  # below the mouth
+        draw.ellipse(px(cx - 0.15 * w, mouth_y + 0.11 * h, cx + 0.15 * w, cy + 0.49 * h), fill=dark)
+    _draw_mouth(draw, a, px, cx, mouth_y, mouth_w, h, lw, 0.02 * h * u[23], lips)
+    return preprocess_pil(img, size), np.array([a[name] for name in TOYFACES_ATTRIBUTES], dtype=np.uint8)
+
+
+def _toyface_colours(u: np.ndarray) -> list[tuple]:
+    """RGB tuples (background, skin, ears, nose, hair, dark, lips, frame) from the nuisance variables: skin between
+    light and dark, hair from a palette, background far from the skin."""
+    skin = np.array([245, 214, 184]) * (1 - u[8]) + np.array([110, 72, 50]) * u[8] + 20 * (u[9:12] - 0.5)
+    palette = np.array([[30, 24, 22], [75, 48, 30], [125, 80, 45], [160, 70, 35], [225, 190, 110], [150, 150, 155]])
+    hair = palette[int(u[12] * len(palette))] * (0.8 + 0.4 * u[13])
+    if abs(hair.mean() - skin.mean()) < 60:  # keep the hair visible: darker, or lighter on dark skin
+        hair = hair * 0.45 if skin.mean() > 100 else 255 - (255 - hair) * 0.45
+    dark = 0.45 * np.minimum(hair, skin)  # eyebrows and goatee
+    bg = 30 + 200 * u[14:17]
+    if np.abs(bg - skin).sum() < 150:
+        bg = 255 - bg
+    lips = skin * np.array([0.35, 0.15, 0.18]) + np.array([30, 0, 0])
+    frame = 20 + 50 * u[17:20]  # glasses: dark frames, or light ones on dark skin
+    if skin.mean() < 110:
+        frame = 255 - frame
+    return [tuple(int(t) for t in np.clip(c, 0, 255))
+            for c in (bg, skin, skin * 0.92, skin * 0.75, hair, dark, lips, frame)]
+
+
+def _draw_eyes(draw, a: dict, px, cx, eye_y, eye_dx, brow_y, w, h, lw, tilt, dark, frame) -> None:
+    """Eyebrows (one end ``tilt`` off level), eyes (dark dots with a white highlight), and glasses if worn."""
     r, g = 0.055 * w, 0.13 * w  # eye and glasses radius
     for side in (-1, 1):
         ex = cx + side * eye_dx
-        draw.line(px(ex - 0.09 * w, brow_y + 0.01 * h * side * (u[22] - 0.5), ex + 0.09 * w, brow_y),
-                  fill=dark, width=lw)
+        draw.line(px(ex - 0.09 * w, brow_y + side * tilt, ex + 0.09 * w, brow_y), fill=dark, width=lw)
         draw.ellipse(px(ex - r, eye_y - r, ex + r, eye_y + r), fill=(25, 20, 20))
         draw.ellipse(px(ex + 0.1 * r, eye_y - 0.6 * r, ex + 0.5 * r, eye_y - 0.2 * r), fill=(255,) * 3)
         if a["Eyeglasses"]:
@@ -267,14 +272,6 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
             draw.line(px(ex + side * g, eye_y - 0.2 * g, cx + side * 0.5 * w, eye_y - 0.3 * g), fill=frame, width=lw)
     if a["Eyeglasses"]:
         draw.line(px(cx - eye_dx + g, eye_y, cx + eye_dx - g, eye_y), fill=frame, width=lw)
-    # nose hint
-    ny = (eye_y + mouth_y) / 2 + 0.03 * h
-    draw.arc(px(cx - 0.05 * w, ny - 0.04 * h, cx + 0.05 * w, ny + 0.03 * h), 20, 160, fill=nose, width=max(1, lw // 2))
-    if a["Goatee"]:  # below the mouth
-        draw.ellipse(px(cx - 0.15 * w, mouth_y + 0.11 * h, cx + 0.15 * w, cy + 0.49 * h), fill=dark)
-    _draw_mouth(draw, a, px, cx, mouth_y, mouth_w, h, lw, 0.02 * h * u[23], lips)
-    attrs = np.array([a[name] for name in TOYFACES_ATTRIBUTES], dtype=np.uint8)
-    return preprocess_pil(img, size), attrs
 
 
 def _draw_mouth(draw, a: dict, px, cx, mouth_y, mouth_w, h, lw, droop, lips) -> None:
