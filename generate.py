@@ -51,11 +51,10 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--oracle_model", default=None,
                    help="independent judge (default: oracle_best.pth beside the classifier/diffusion model, if there)")
     p.add_argument("--num_samples", type=int, default=16, help="samples to draw from noise (per guidance scale)")
-    p.add_argument("--guidance_scale", type=float, nargs="+", default=None,
-                   help=f"classifier guidance scale s. Samples: one row per scale (default "
-                        f"{SAMPLE_DEFAULTS['guidance_scale'][0]:g}); counterfactuals: a ladder, smallest first, each "
-                        f"image taking the first scale the guide calls flipped (default "
-                        f"{' '.join(f'{s:g}' for s in EDIT_DEFAULTS['guidance_scale'])})")
+    p.add_argument("--guidance_scale", type=float, nargs="+", default=None, help="classifier guidance scale s. "
+                   f"Samples: one row per scale (default {SAMPLE_DEFAULTS['guidance_scale'][0]:g}); counterfactuals: a "
+                   f"ladder, smallest first, each image taking the first scale the guide calls flipped (default "
+                   f"{' '.join(f'{s:g}' for s in EDIT_DEFAULTS['guidance_scale'])})")
     p.add_argument("--target_label", type=int, default=1, choices=(0, 1), help="1: attribute present, 0: absent")
     p.add_argument("--output", default="generated_samples.png", help="grid image path; per-sample PNGs go in a "
                                                                       "folder named after its stem")
@@ -75,22 +74,18 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--from_dataset", type=int, default=None,
                    help="make counterfactuals of N test images whose true label is not the target")
     p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
-    p.add_argument("--strength", type=float, default=EDIT_DEFAULTS["strength"],
-                   help="counterfactual noise level: start step t0 = round(strength * T) - 1; 0 returns the input, "
-                        "1 is free generation")
-    p.add_argument("--no_invert", action="store_true",
-                   help="counterfactuals: reach x_t0 by q_sample with fresh noise (SDEdit) instead of the default "
-                        "deterministic DDIM inversion (fp32, no clipping, so that it round-trips), which the ddim "
-                        "sampler alone takes; the other samplers always start from fresh noise")
+    p.add_argument("--strength", type=float, default=EDIT_DEFAULTS["strength"], help="counterfactual noise level: "
+                   "start step t0 = round(strength * T) - 1; 0 returns the input, 1 is free generation")
+    p.add_argument("--no_invert", action="store_true", help="counterfactuals: reach x_t0 by q_sample with fresh "
+                   "noise (SDEdit) instead of the default deterministic DDIM inversion (fp32, no clipping, so that it "
+                   "round-trips), which the ddim sampler alone takes; the other samplers always start from fresh noise")
     p.add_argument("--no_localize", action="store_true",
                    help="counterfactuals: let the whole image change (by default only where guidance changed it: an "
                         "ACE-style mask from a guided and an unguided run, the rest stays the input pixel for pixel)")
-    p.add_argument("--mask_threshold", type=float, default=0.05,
-                   help="localisation: smallest guided-vs-unguided change (mean |diff| on the [0, 1] scale over 3x3 "
-                        "pixels) that goes into the mask")
-    p.add_argument("--preserve", type=float, default=EDIT_DEFAULTS["preserve"],
-                   help="counterfactuals: weight of the guidance that holds every other attribute at the guide's "
-                        "probabilities on the input (0: off)")
+    p.add_argument("--mask_threshold", type=float, default=0.05, help="localisation: smallest guided-vs-unguided "
+                   "change (mean |diff| on the [0, 1] scale over 3x3 pixels) that goes into the mask")
+    p.add_argument("--preserve", type=float, default=EDIT_DEFAULTS["preserve"], help="counterfactuals: weight of "
+                   "the guidance that holds every other attribute at the guide's probabilities on the input (0: off)")
     return p
 
 
@@ -138,7 +133,6 @@ def check_args(args, parser) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Models from checkpoints
-
 
 def count_calls(module: torch.nn.Module, with_grad: bool = False) -> dict:
     """{"images": n}: the images that pass through ``module``'s forward (only those with autograd on, for the
@@ -214,7 +208,6 @@ def check_compatible(d_ckpt: dict, other: dict, flag: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Sampling and editing
-
 
 def generate_images(m, target: int, scale: float, *, n: int = 16, x_t0=None, t_start=None, known=None, keep=None,
                     preserve: float = 0.0, sampler="ddpm", steps=None, clip=True, seed=0, batch_size=64,
@@ -325,7 +318,6 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
 # ----------------------------------------------------------------------------------------------
 # Judging
 
-
 def p_target(p: torch.Tensor, target: int) -> torch.Tensor:
     """p(attribute present) -> p(the attribute has the target value)."""
     return p if target == 1 else 1 - p
@@ -378,7 +370,6 @@ def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs and outputs
-
 
 def list_input_images(paths: list, output: str) -> list:
     """The image files of --input, folders read in name order, checked against --output's files."""
@@ -475,8 +466,7 @@ def report_samples(m, results: dict, target: int) -> tuple:
 def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list) -> tuple:
     """Counterfactuals: flip rates, MNAC, L1 and the scale each image used; panels original | counterfactual |
     difference, one row per image. -> (grid, {file: image}, summary, records)"""
-    o_before = oracle_probabilities(m, x_in) if m.oracle is not None else None
-    o_after = oracle_probabilities(m, x_cf) if m.oracle is not None else None
+    o_before, o_after = (oracle_probabilities(m, x) if m.oracle is not None else None for x in (x_in, x_cf))
     g_before, g_after = guide_probabilities(m, x_in), guide_probabilities(m, x_cf)           # (N,A)
     s = counterfactual_metrics(m, x_in, x_cf, target, o_before, o_after, g_after)
     s.update(mask_area=masks.mean().item(), scale_used={f"{v:g}": int((used == v).sum()) for v in used.unique()})
