@@ -424,8 +424,7 @@ def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose
     idx = in_split[_subset(n, fraction, seed, split)]
     jobs = [(os.path.join(files["images"], names[i]), image_size) for i in idx]
     images = _image_array(len(jobs), image_size)
-    ok = np.ones(len(jobs), dtype=bool)
-    bad = []
+    ok, bad = np.ones(len(jobs), dtype=bool), []
     for k, (x, reason) in enumerate(_map(_decode_file, jobs, num_workers, f"celeba {split}", verbose)):
         if x is not None:
             images[k] = x

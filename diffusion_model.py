@@ -155,8 +155,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        problem = cfg.check()
-        if problem:
+        if problem := cfg.check():
             raise ValueError(problem)
         self.cfg = cfg
         ch, g, p = cfg.base_channels, cfg.groups, cfg.dropout
