@@ -42,8 +42,7 @@ class NoisyClassifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
         self.cfg = cfg
-        ch = cfg.base_channels
-        temb_dim = 4 * ch
+        ch, temb_dim = cfg.base_channels, 4 * cfg.base_channels
         self.temb_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         layers, cur = [], ch

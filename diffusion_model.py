@@ -359,8 +359,7 @@ class GaussianDiffusion:
             raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
         device = device or next(model.parameters()).device
         x_t = torch.randn(shape, generator=generator, device=device) if x_t is None else x_t
-        seq = self.timestep_sequence(steps, t_start)
-        history = None
+        seq, history = self.timestep_sequence(steps, t_start), None
         for i, t in enumerate(tqdm(seq, desc=f"{sampler} sampling", disable=not progress, leave=False)):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1
             tt, tp = (torch.full((shape[0],), s, device=device, dtype=torch.long) for s in (t, t_prev))
