@@ -19,7 +19,6 @@ from PIL import Image
 
 CHECKPOINT_FORMAT = "guidedemotion"
 CHECKPOINT_VERSION = 2
-CHECKPOINT_KINDS = ("diffusion", "classifier", "oracle", "train_state")
 
 
 class UserError(Exception):
@@ -58,9 +57,8 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
     """A flag's number must be finite and > 0 (or >= 0): a NaN or inf would pass every comparison."""
-    if value is None:
-        return
-    if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
+    if value is not None and ((isinstance(value, float) and not math.isfinite(value)) or value < 0
+                              or (value == 0 and not allow_zero)):
         bound = ">= 0" if allow_zero else "> 0"
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
 
@@ -81,10 +79,9 @@ def refuse_folder(path: str, flag: str) -> None:
 
 def check_output_file(path: str | None, flag: str) -> None:
     """A file a run writes when it ends (e.g. --json): refuse a folder or an unwritable place before the work."""
-    if path is None:
-        return
-    refuse_folder(path, flag)
-    ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
+    if path is not None:
+        refuse_folder(path, flag)
+        ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
 
 
 def ensure_writable_dir(path: str, what: str = "output folder") -> str:
@@ -107,9 +104,8 @@ os.umask(UMASK)                                                # read the proces
 
 def atomic_save(obj: Any, path: str) -> None:
     """Write ``obj`` to a temporary file beside ``path``, fsync, then ``os.replace``, so a crash or a kill at any
-    moment leaves the previous file intact; the file gets the usual mode (0o666 less the umask), not mkstemp's
-    private 0o600. By kind: a PIL image (format from the extension), a NumPy array (.npy),
-    text (``to_json`` for JSON), anything else with ``torch.save``."""
+    moment leaves the previous file intact; the file gets 0o666 less the umask, not mkstemp's private 0o600. By kind:
+    a PIL image (format from the extension), a NumPy array (.npy), text (``to_json``), else ``torch.save``."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     try:
@@ -140,7 +136,7 @@ def to_json(obj: Any) -> str:
 # Checkpoints: plain dicts of tensors and builtins, so ``torch.load(weights_only=True)`` reads them.
 
 def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
-    assert kind in CHECKPOINT_KINDS, kind
+    assert kind in ("diffusion", "classifier", "oracle", "train_state"), kind
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": kind, "config": asdict(config),
             "model": model_state, **fields}
 
@@ -205,7 +201,6 @@ def autocast(device: torch.device, dtype) -> torch.autocast:
 # ----------------------------------------------------------------------------------------------
 # Command lines: argparse errors as one line, exit 2
 
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``error: ...; see --help``), exit status 2, and which takes no abbreviated
     flags (``--n`` is not ``--num_samples``)."""
@@ -228,7 +223,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------------------------
 # Images: [-1, 1] tensors to uint8 pictures and grids
-
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B,3,H,W) float in [-1, 1] -> (B,H,W,3) uint8."""
