@@ -94,8 +94,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--save_every", type=int, default=10, help="write diffusion_epoch_{N}.pth every N epochs")
     p.add_argument("--sample_every", type=int, default=5, help="unguided EMA sample grid every N epochs (0: never)")
     p.add_argument("--checkpoint_every", type=int, default=500, help="write last.pth every N optimizer steps")
-    p.add_argument("--resume", default=None, help="continue from a last.pth: a path, or 'auto' for "
-                                                  "<output_dir>/last.pth")
+    p.add_argument("--resume", help="continue from a last.pth: a path, or 'auto' for <output_dir>/last.pth")
     p.add_argument("--overwrite", action="store_true", help="allow starting over in an output_dir with checkpoints")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for training (a GPU option)")
@@ -119,8 +118,7 @@ def check_args(args) -> None:
         raise UserError(f"--classifier_channels must be >= 2 (the oracle takes half), got {args.classifier_channels}")
     if args.image_size < 16:
         raise UserError(f"--image_size {args.image_size} is too small; use at least 16")
-    problem = unet_config(args).check()
-    if problem:
+    if problem := unet_config(args).check():
         raise UserError(problem + " (--image_size / --channel_mult / --attn_resolutions / --dropout)")
     attribute_index(args.dataset, args.attribute)   # raises with the closest name
 
@@ -132,7 +130,6 @@ def unet_config(args) -> UNetConfig:
 
 # ----------------------------------------------------------------------------------------------
 # The run: devices, processes, output files, resume state, signals
-
 
 class Run:
     """What every stage needs: arguments, device, processes, precision, output paths and the resume state."""
@@ -153,6 +150,10 @@ class Run:
         self.amp = amp_dtype(self.device, args.precision)
         self.autocast = autocast(self.device, self.amp)
         self.log_path = os.path.join(args.output_dir, "train_log.jsonl")
+
+    def say(self, *args, **kwargs) -> None:
+        if self.main:
+            print(*args, **kwargs)
 
     def log(self, record: dict) -> None:
         if self.main:
@@ -290,15 +291,13 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and run.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], run.device)
-    if run.main:
-        print(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
+    run.say(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
     run.resume_state = None
     return rs["epoch"], rs["batch"], rs["step"]
 
 
 # ----------------------------------------------------------------------------------------------
 # The training loop shared by the three stages
-
 
 def unwrap(model):
     return getattr(model, "module", model)             # the plain module inside DistributedDataParallel
@@ -417,9 +416,8 @@ def optimizer_step(model, optimizer, scaler, loss) -> None:
 
 
 def stop_here(run) -> None:
-    if run.main:
-        print(f"stopped by signal; resumable state saved to {os.path.join(run.args.output_dir, 'last.pth')}\n"
-              f"continue with: python train.py --resume auto --output_dir {run.args.output_dir}", flush=True)
+    run.say(f"stopped by signal; resumable state saved to {os.path.join(run.args.output_dir, 'last.pth')}\n"
+            f"continue with: python train.py --resume auto --output_dir {run.args.output_dir}", flush=True)
     sys.exit(128 + STOP["signal"])
 
 
@@ -434,7 +432,6 @@ def update_ema(ema, model, decay: float, step: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The three stages
-
 
 def eval_timesteps(T: int) -> tuple:
     """Clean images and the noisy ones at T/4, T/2, 3T/4 (t = 250, 500, 750 for T = 1000)."""
@@ -478,8 +475,7 @@ def train_guide(run, data, diffusion) -> None:
     net = NoisyClassifier(cfg).to(run.device)
     model, state = wrap(net, run), {"best": -1.}
     opt = make_optimizer(net.parameters(), args.classifier_lr, 0.05, run.device)
-    if run.main:
-        print(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    run.say(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
 
     def loss_fn(x0, attrs):
         t = torch.randint(0, args.timesteps, (x0.shape[0],), device=run.device)
@@ -503,10 +499,9 @@ def train_guide(run, data, diffusion) -> None:
     acc = guide_accuracy(run, net, diffusion, data["test"])
     best["test_acc"] = {t: dict(zip(data["names"], (round(v, 4) for v in a.tolist()))) for t, a in acc.items()}
     run.log({"stage": "classifier", "final": True, "test_acc": best["test_acc"]})
-    if run.main:
-        print(f"classifier test accuracy on {args.attribute}: "
-              + ", ".join(f"t={t}: {a[k].item():.1%}" for t, a in acc.items()) + "; every attribute, clean: "
-              + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"][0].items()))
+    run.say(f"classifier test accuracy on {args.attribute}: "
+            + ", ".join(f"t={t}: {a[k].item():.1%}" for t, a in acc.items()) + "; every attribute, clean: "
+            + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"][0].items()))
     run.save(best, "classifier_best.pth")                               # with its test accuracy
 
 
@@ -538,9 +533,8 @@ def train_oracle(run, data) -> None:
     best["test_acc"] = dict(zip(data["names"], (round(a, 4) for a in acc.tolist())))
     run.log({"stage": "oracle", "final": True, "test_mean_acc": round(acc.mean().item(), 4),
              "test_acc": best["test_acc"]})
-    if run.main:
-        print(f"oracle test accuracy: mean {acc.mean().item():.1%}; "
-              + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"].items()))
+    run.say(f"oracle test accuracy: mean {acc.mean().item():.1%}; "
+            + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"].items()))
     run.save(best, "oracle_best.pth")                                   # with its test accuracy
 
 
@@ -554,8 +548,7 @@ def train_diffusion(run, data, diffusion) -> None:
     ema = UNet(cfg).to(run.device, memory_format=memory_format_for(run.device)).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     model, opt = wrap(net, run), make_optimizer(net.parameters(), args.lr, 0.0, run.device)
-    if run.main:
-        print(f"diffusion UNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    run.say(f"diffusion UNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
     noise = torch.randn((16, 3, args.image_size, args.image_size), generator=torch.Generator().manual_seed(args.seed))
 
     def checkpoint(epoch, step):
@@ -580,8 +573,7 @@ def train_diffusion(run, data, diffusion) -> None:
     step = fit(run, "diffusion", model, opt, data["train"], args.diffusion_epochs, args.lr, lambda x, a:
                diffusion.training_loss(model, x), end_of_epoch, {}, ema=ema)
     run.save(checkpoint(args.diffusion_epochs, step), "diffusion_final.pth")
-    if run.main:
-        print(f"saved {os.path.join(args.output_dir, 'diffusion_final.pth')}")
+    run.say(f"saved {os.path.join(args.output_dir, 'diffusion_final.pth')}")
 
 
 def load_data(run) -> dict:
@@ -599,9 +591,8 @@ def load_data(run) -> dict:
 
     names, k = attribute_names(args.dataset), attribute_index(args.dataset, args.attribute)
     data = {s: split(s) for s in ("train", "valid", "test")}
-    if run.main:
-        print(f"attribute {args.attribute}: {data['train'].attrs[:, k].float().mean().item():.1%} of training "
-              f"images have it")
+    run.say(f"attribute {args.attribute}: {data['train'].attrs[:, k].float().mean().item():.1%} of training "
+            f"images have it")
     meta = {"dataset": args.dataset, "attribute": args.attribute, "attribute_index": k, "attr_names": names,
             "image_size": args.image_size, "args": vars(args)}
     return {**data, "names": names, "attr_idx": k, "meta": meta}
@@ -615,10 +606,9 @@ def main() -> int:
     run = Run(args, resume_state)
     check_output_dir(args, resuming=resume_state is not None)
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
-    if run.main:
-        print(f"GuidedEmotion training on {run.device}" + (f" x {run.world} processes" if run.world > 1 else "")
-              + f", {str(run.amp).replace('torch.', '') if run.amp else 'fp32'}; writing to "
-              f"{os.path.abspath(args.output_dir)}")
+    run.say(f"GuidedEmotion training on {run.device}" + (f" x {run.world} processes" if run.world > 1 else "")
+            + f", {str(run.amp).replace('torch.', '') if run.amp else 'fp32'}; writing to "
+            f"{os.path.abspath(args.output_dir)}")
     data = load_data(run)
     signal.signal(signal.SIGINT, _on_signal)      # after the decoding workers have gone: they would inherit it
     signal.signal(signal.SIGTERM, _on_signal)
@@ -632,8 +622,7 @@ def main() -> int:
         train_oracle(run, data)
     if args.diffusion_epochs > 0:
         train_diffusion(run, data, diffusion)
-    if run.main:
-        print(f"done; files are in {os.path.abspath(args.output_dir)}")
+    run.say(f"done; files are in {os.path.abspath(args.output_dir)}")
     if run.world > 1:
         dist.destroy_process_group()
     return 0
