@@ -36,8 +36,7 @@ def run_main(main: Callable[[], Any]) -> None:
 
 
 def resolve_device(name: str, doing: str = "running") -> torch.device:
-    """The --device flag as a torch.device: CUDA falls back to the CPU with a warning; a name that is not a
-    device, a CUDA index this machine lacks, or a missing MPS is a UserError."""
+    """The --device flag as a torch.device; CUDA on a machine without it falls back to the CPU with a warning."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -93,8 +92,7 @@ def ensure_writable_dir(path: str, what: str = "output folder") -> str:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to {what} '{path}' ({e.strerror or e}); "
-                        f"choose a writable folder") from None
+        raise UserError(f"cannot write to {what} '{path}' ({e.strerror or e}); choose a writable folder") from None
     return path
 
 
@@ -163,8 +161,7 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{flag} '{path}' is not a GuidedEmotion checkpoint; "
                         f"pass a file written by this project's train.py")
-    version = ckpt.get("format_version")
-    if version != CHECKPOINT_VERSION:
+    if (version := ckpt.get("format_version")) != CHECKPOINT_VERSION:
         raise UserError(f"{flag} '{path}' has checkpoint format version {version}, this code reads "
                         f"version {CHECKPOINT_VERSION}; retrain, or use the release that wrote it")
     if kind is not None and ckpt.get("kind") != kind:
