@@ -251,8 +251,7 @@ def stop_requested(run, at_log: bool) -> bool:
 
 
 def check_finite(run, stage: str, first_bad: torch.Tensor) -> None:
-    """Stop on the first non-finite loss (``first_bad`` holds its step, -1 if none), before anything is saved after
-    it; one host sync, at log and save points only."""
+    """Stop on the first non-finite loss (``first_bad``: its step, -1 if none), before anything is saved after it."""
     if run.world > 1:
         first_bad = first_bad.clone()
         dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
@@ -263,8 +262,7 @@ def check_finite(run, stage: str, first_bad: torch.Tensor) -> None:
 
 
 def save_last(run, stage, modules, optimizer, scaler, epoch, batch, step, state) -> None:
-    """last.pth: everything to continue exactly here, with every rank's random state: torch's (shuffling, noise,
-    timesteps, flips), and CUDA's on a GPU."""
+    """last.pth: everything to continue exactly here, with every rank's RNGs (shuffling, noise, timesteps, flips)."""
     cuda = run.device.type == "cuda"
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)} if cuda else {})}
     rngs = [rng] * run.world
@@ -321,9 +319,8 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
 
 
 def epoch_order(n: int, seed: int, stage: str, epoch: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's indices for one epoch: DistributedSampler's shard of a permutation seeded by (seed, stage)
-    and ``set_epoch(epoch)``, so the order is the same after a resume and disjoint across ranks (the tail
-    that does not divide evenly is dropped, so every rank takes the same number of steps)."""
+    """This rank's indices for one epoch: DistributedSampler's shard of a permutation seeded by (seed, stage) and
+    ``set_epoch(epoch)``: the same after a resume, disjoint across ranks, the uneven tail dropped (equal steps)."""
     sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, drop_last=True,
                                  seed=seed * 1009 + STAGES.index(stage))
     sampler.set_epoch(epoch)
@@ -450,8 +447,7 @@ def accuracy(run, split, predict, batch_size=256) -> torch.Tensor:
 
 
 def guide_accuracy(run, net, diffusion, split) -> dict:
-    """{t: per-attribute accuracy (A,)} of the guide on q_sample(x_0, t) with fixed noise at the evaluation
-    timesteps; at t = 0 on the clean x_0 itself."""
+    """{t: accuracy (A,)} of the guide on q_sample(x_0, t) with fixed noise, t in ``eval_timesteps`` (0: clean x_0)."""
     def at(t_value):
         g = torch.Generator().manual_seed(1234 + t_value)
 
@@ -539,8 +535,7 @@ def train_oracle(run, data) -> None:
 
 
 def train_diffusion(run, data, diffusion) -> None:
-    """3. The diffusion model eps_theta(x_t, t) (DDPM Alg. 1), with an EMA of its weights for sampling; only last.pth
-    carries the optimizer."""
+    """3. The denoiser eps_theta(x_t, t) (DDPM Alg. 1) with an EMA of its weights; only last.pth has the optimizer."""
     args = run.args
     torch.manual_seed(args.seed + 104729)
     cfg = unet_config(args)
