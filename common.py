@@ -140,8 +140,7 @@ def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
 
 
 def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint") -> dict:
-    """Load one of our checkpoints with ``weights_only=True`` (nothing in it runs); a pickle that would run code, a
-    truncated file, another project's file or the wrong kind raises ``UserError`` with the path and the fix."""
+    """Load one of our checkpoints with ``weights_only=True`` (nothing in it runs); a bad file is a ``UserError``."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} '{path}' not found; train one with train.py or pass the right path")
     try:
