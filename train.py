@@ -255,8 +255,7 @@ def check_finite(run, stage: str, first_bad: torch.Tensor) -> None:
     if run.world > 1:
         first_bad = first_bad.clone()
         dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-    bad = int(first_bad.item())
-    if bad >= 0:
+    if (bad := int(first_bad.item())) >= 0:
         raise UserError(f"{stage}: the loss became NaN/Inf at step {bad}; stopped without saving, so the last good "
                         f"checkpoint is kept; check the data or start again with a lower learning rate")
 
@@ -270,7 +269,7 @@ def save_last(run, stage, modules, optimizer, scaler, epoch, batch, step, state)
         dist.all_gather_object(rngs, rng)
     run.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": "train_state",
               "stage": stage, "epoch": epoch, "batch": batch, "step": step, "state": dict(state),
-              "modules": {k: unwrap(m).state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
+              "modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
               "scaler": scaler.state_dict(), "rng": rngs, "args": vars(run.args)}, "last.pth")
 
 
@@ -280,7 +279,7 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     if rs is None or rs["stage"] != stage:
         return 0, 0, 0
     for name, m in modules.items():
-        unwrap(m).load_state_dict(rs["modules"][name])
+        m.load_state_dict(rs["modules"][name])
     optimizer.load_state_dict(rs["optimizer"])
     if scaler.is_enabled() and rs["scaler"]:            # fp16 before and now (--precision may resolve otherwise here)
         scaler.load_state_dict(rs["scaler"])
@@ -296,10 +295,6 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
 
 # ----------------------------------------------------------------------------------------------
 # The training loop shared by the three stages
-
-def unwrap(model):
-    return getattr(model, "module", model)             # the plain module inside DistributedDataParallel
-
 
 def wrap(model, run: Run):
     """The device's layout, torch.compile in place (its state dict stays the plain module's), then DDP around it
@@ -354,7 +349,8 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
     """Train ``model`` for ``epochs`` epochs on ``loss_fn(x, attrs) -> loss``; returns the optimizer steps taken.
     ``end_of_epoch(epoch, record) -> dict`` evaluates and saves; ``state`` (best scores) is kept in last.pth."""
     args, device = run.args, run.device
-    modules = {"model": model, **({"ema": ema} if ema is not None else {})}
+    net = getattr(model, "module", model)               # the plain module inside DistributedDataParallel
+    modules = {"model": net, **({"ema": ema} if ema is not None else {})}
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)   # fp16 needs loss scaling
     start_epoch, start_batch, step = restore(run, stage, modules, optimizer, scaler, state)
     steps_per_epoch = min((len(split) // run.world) // args.batch_size, args.max_steps_per_epoch or float("inf"))
@@ -374,7 +370,7 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
                 loss = loss_fn(x, attrs)
             optimizer_step(model, optimizer, scaler, loss)
             if ema is not None:
-                update_ema(ema, unwrap(model), args.ema_decay, step)
+                update_ema(ema, net, args.ema_decay, step)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             loss_sum, n, step = loss_sum + torch.nan_to_num(loss.detach()), n + 1, step + 1
             at_log = step % LOG_EVERY == 0
