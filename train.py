@@ -68,8 +68,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--subset_fraction", type=float, default=0.5, help="fraction of each split used (seed's 50%%)")
     p.add_argument("--cache_dir", default=None, help="folder for the decoded-image cache (default: <output_dir>/cache)")
-    p.add_argument("--download", action="store_true",
-                   help="download CelebA with torchvision when it is not found under --data_root")
+    p.add_argument("--download", action="store_true", help="download CelebA with torchvision if not under --data_root")
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes that decode images into the cache (default: min(8, CPU count); 0: this one)")
     # schedule and models
