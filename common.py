@@ -1,5 +1,4 @@
-"""Shared plumbing for the scripts: one-line user errors, atomic writes, self-describing checkpoints, precision,
-image grids."""
+"""Shared plumbing: one-line user errors, atomic writes, self-describing checkpoints, precision, image grids."""
 from __future__ import annotations
 
 import argparse
@@ -46,8 +45,7 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"warning: CUDA is not available, {doing} on the CPU (slow); pass --device cpu to silence this")
         return torch.device("cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
+    if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
         raise UserError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; pick one")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps is not available on this machine; use --device cpu")
