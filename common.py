@@ -1,5 +1,4 @@
-"""Shared plumbing for the scripts: one-line user errors, atomic writes, self-describing checkpoints, precision,
-image grids."""
+"""Shared plumbing: one-line user errors, atomic writes, self-describing checkpoints, precision, image grids."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +18,6 @@ from PIL import Image
 
 CHECKPOINT_FORMAT = "guidedemotion"
 CHECKPOINT_VERSION = 2
-CHECKPOINT_KINDS = ("diffusion", "classifier", "oracle", "train_state")
 
 
 class UserError(Exception):
@@ -37,8 +35,7 @@ def run_main(main: Callable[[], Any]) -> None:
 
 
 def resolve_device(name: str, doing: str = "running") -> torch.device:
-    """The --device flag as a torch.device: CUDA falls back to the CPU with a warning; a name that is not a
-    device, a CUDA index this machine lacks, or a missing MPS is a UserError."""
+    """The --device flag as a torch.device; CUDA on a machine without it falls back to the CPU with a warning."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -48,8 +45,7 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"warning: CUDA is not available, {doing} on the CPU (slow); pass --device cpu to silence this")
         return torch.device("cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
+    if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
         raise UserError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; pick one")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps is not available on this machine; use --device cpu")
@@ -58,9 +54,8 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
     """A flag's number must be finite and > 0 (or >= 0): a NaN or inf would pass every comparison."""
-    if value is None:
-        return
-    if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
+    if value is not None and ((isinstance(value, float) and not math.isfinite(value)) or value < 0
+                              or (value == 0 and not allow_zero)):
         bound = ">= 0" if allow_zero else "> 0"
         raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
 
@@ -81,10 +76,9 @@ def refuse_folder(path: str, flag: str) -> None:
 
 def check_output_file(path: str | None, flag: str) -> None:
     """A file a run writes when it ends (e.g. --json): refuse a folder or an unwritable place before the work."""
-    if path is None:
-        return
-    refuse_folder(path, flag)
-    ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
+    if path is not None:
+        refuse_folder(path, flag)
+        ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
 
 
 def ensure_writable_dir(path: str, what: str = "output folder") -> str:
@@ -96,8 +90,7 @@ def ensure_writable_dir(path: str, what: str = "output folder") -> str:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to {what} '{path}' ({e.strerror or e}); "
-                        f"choose a writable folder") from None
+        raise UserError(f"cannot write to {what} '{path}' ({e.strerror or e}); choose a writable folder") from None
     return path
 
 
@@ -107,9 +100,8 @@ os.umask(UMASK)                                                # read the proces
 
 def atomic_save(obj: Any, path: str) -> None:
     """Write ``obj`` to a temporary file beside ``path``, fsync, then ``os.replace``, so a crash or a kill at any
-    moment leaves the previous file intact; the file gets the usual mode (0o666 less the umask), not mkstemp's
-    private 0o600. By kind: a PIL image (format from the extension), a NumPy array (.npy),
-    text (``to_json`` for JSON), anything else with ``torch.save``."""
+    moment leaves the previous file intact; the file gets 0o666 less the umask, not mkstemp's private 0o600. By kind:
+    a PIL image (format from the extension), a NumPy array (.npy), text (``to_json``), else ``torch.save``."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     try:
@@ -140,14 +132,13 @@ def to_json(obj: Any) -> str:
 # Checkpoints: plain dicts of tensors and builtins, so ``torch.load(weights_only=True)`` reads them.
 
 def make_checkpoint(kind: str, config, model_state: dict, **fields) -> dict:
-    assert kind in CHECKPOINT_KINDS, kind
+    assert kind in ("diffusion", "classifier", "oracle", "train_state"), kind
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": kind, "config": asdict(config),
             "model": model_state, **fields}
 
 
 def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint") -> dict:
-    """Load one of our checkpoints with ``weights_only=True`` (nothing in it runs); a pickle that would run code, a
-    truncated file, another project's file or the wrong kind raises ``UserError`` with the path and the fix."""
+    """Load one of our checkpoints with ``weights_only=True`` (nothing in it runs); a bad file is a ``UserError``."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} '{path}' not found; train one with train.py or pass the right path")
     try:
@@ -167,8 +158,7 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{flag} '{path}' is not a GuidedEmotion checkpoint; "
                         f"pass a file written by this project's train.py")
-    version = ckpt.get("format_version")
-    if version != CHECKPOINT_VERSION:
+    if (version := ckpt.get("format_version")) != CHECKPOINT_VERSION:
         raise UserError(f"{flag} '{path}' has checkpoint format version {version}, this code reads "
                         f"version {CHECKPOINT_VERSION}; retrain, or use the release that wrote it")
     if kind is not None and ckpt.get("kind") != kind:
@@ -205,7 +195,6 @@ def autocast(device: torch.device, dtype) -> torch.autocast:
 # ----------------------------------------------------------------------------------------------
 # Command lines: argparse errors as one line, exit 2
 
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``error: ...; see --help``), exit status 2, and which takes no abbreviated
     flags (``--n`` is not ``--num_samples``)."""
@@ -228,7 +217,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------------------------
 # Images: [-1, 1] tensors to uint8 pictures and grids
-
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B,3,H,W) float in [-1, 1] -> (B,H,W,3) uint8."""

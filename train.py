@@ -68,8 +68,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--subset_fraction", type=float, default=0.5, help="fraction of each split used (seed's 50%%)")
     p.add_argument("--cache_dir", default=None, help="folder for the decoded-image cache (default: <output_dir>/cache)")
-    p.add_argument("--download", action="store_true",
-                   help="download CelebA with torchvision when it is not found under --data_root")
+    p.add_argument("--download", action="store_true", help="download CelebA with torchvision if not under --data_root")
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes that decode images into the cache (default: min(8, CPU count); 0: this one)")
     # schedule and models
@@ -94,8 +93,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--save_every", type=int, default=10, help="write diffusion_epoch_{N}.pth every N epochs")
     p.add_argument("--sample_every", type=int, default=5, help="unguided EMA sample grid every N epochs (0: never)")
     p.add_argument("--checkpoint_every", type=int, default=500, help="write last.pth every N optimizer steps")
-    p.add_argument("--resume", default=None, help="continue from a last.pth: a path, or 'auto' for "
-                                                  "<output_dir>/last.pth")
+    p.add_argument("--resume", help="continue from a last.pth: a path, or 'auto' for <output_dir>/last.pth")
     p.add_argument("--overwrite", action="store_true", help="allow starting over in an output_dir with checkpoints")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for training (a GPU option)")
@@ -119,8 +117,7 @@ def check_args(args) -> None:
         raise UserError(f"--classifier_channels must be >= 2 (the oracle takes half), got {args.classifier_channels}")
     if args.image_size < 16:
         raise UserError(f"--image_size {args.image_size} is too small; use at least 16")
-    problem = unet_config(args).check()
-    if problem:
+    if problem := unet_config(args).check():
         raise UserError(problem + " (--image_size / --channel_mult / --attn_resolutions / --dropout)")
     attribute_index(args.dataset, args.attribute)   # raises with the closest name
 
@@ -132,7 +129,6 @@ def unet_config(args) -> UNetConfig:
 
 # ----------------------------------------------------------------------------------------------
 # The run: devices, processes, output files, resume state, signals
-
 
 class Run:
     """What every stage needs: arguments, device, processes, precision, output paths and the resume state."""
@@ -153,6 +149,10 @@ class Run:
         self.amp = amp_dtype(self.device, args.precision)
         self.autocast = autocast(self.device, self.amp)
         self.log_path = os.path.join(args.output_dir, "train_log.jsonl")
+
+    def say(self, *args, **kwargs) -> None:
+        if self.main:
+            print(*args, **kwargs)
 
     def log(self, record: dict) -> None:
         if self.main:
@@ -250,20 +250,17 @@ def stop_requested(run, at_log: bool) -> bool:
 
 
 def check_finite(run, stage: str, first_bad: torch.Tensor) -> None:
-    """Stop on the first non-finite loss (``first_bad`` holds its step, -1 if none), before anything is saved after
-    it; one host sync, at log and save points only."""
+    """Stop on the first non-finite loss (``first_bad``: its step, -1 if none), before anything is saved after it."""
     if run.world > 1:
         first_bad = first_bad.clone()
         dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-    bad = int(first_bad.item())
-    if bad >= 0:
+    if (bad := int(first_bad.item())) >= 0:
         raise UserError(f"{stage}: the loss became NaN/Inf at step {bad}; stopped without saving, so the last good "
                         f"checkpoint is kept; check the data or start again with a lower learning rate")
 
 
 def save_last(run, stage, modules, optimizer, scaler, epoch, batch, step, state) -> None:
-    """last.pth: everything to continue exactly here, with every rank's random state: torch's (shuffling, noise,
-    timesteps, flips), and CUDA's on a GPU."""
+    """last.pth: everything to continue exactly here, with every rank's RNGs (shuffling, noise, timesteps, flips)."""
     cuda = run.device.type == "cuda"
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)} if cuda else {})}
     rngs = [rng] * run.world
@@ -271,7 +268,7 @@ def save_last(run, stage, modules, optimizer, scaler, epoch, batch, step, state)
         dist.all_gather_object(rngs, rng)
     run.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": "train_state",
               "stage": stage, "epoch": epoch, "batch": batch, "step": step, "state": dict(state),
-              "modules": {k: unwrap(m).state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
+              "modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
               "scaler": scaler.state_dict(), "rng": rngs, "args": vars(run.args)}, "last.pth")
 
 
@@ -281,7 +278,7 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     if rs is None or rs["stage"] != stage:
         return 0, 0, 0
     for name, m in modules.items():
-        unwrap(m).load_state_dict(rs["modules"][name])
+        m.load_state_dict(rs["modules"][name])
     optimizer.load_state_dict(rs["optimizer"])
     if scaler.is_enabled() and rs["scaler"]:            # fp16 before and now (--precision may resolve otherwise here)
         scaler.load_state_dict(rs["scaler"])
@@ -290,19 +287,13 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and run.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], run.device)
-    if run.main:
-        print(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
+    run.say(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
     run.resume_state = None
     return rs["epoch"], rs["batch"], rs["step"]
 
 
 # ----------------------------------------------------------------------------------------------
 # The training loop shared by the three stages
-
-
-def unwrap(model):
-    return getattr(model, "module", model)             # the plain module inside DistributedDataParallel
-
 
 def wrap(model, run: Run):
     """The device's layout, torch.compile in place (its state dict stays the plain module's), then DDP around it
@@ -322,9 +313,8 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
 
 
 def epoch_order(n: int, seed: int, stage: str, epoch: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's indices for one epoch: DistributedSampler's shard of a permutation seeded by (seed, stage)
-    and ``set_epoch(epoch)``, so the order is the same after a resume and disjoint across ranks (the tail
-    that does not divide evenly is dropped, so every rank takes the same number of steps)."""
+    """This rank's indices for one epoch: DistributedSampler's shard of a permutation seeded by (seed, stage) and
+    ``set_epoch(epoch)``: the same after a resume, disjoint across ranks, the uneven tail dropped (equal steps)."""
     sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, drop_last=True,
                                  seed=seed * 1009 + STAGES.index(stage))
     sampler.set_epoch(epoch)
@@ -358,7 +348,8 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
     """Train ``model`` for ``epochs`` epochs on ``loss_fn(x, attrs) -> loss``; returns the optimizer steps taken.
     ``end_of_epoch(epoch, record) -> dict`` evaluates and saves; ``state`` (best scores) is kept in last.pth."""
     args, device = run.args, run.device
-    modules = {"model": model, **({"ema": ema} if ema is not None else {})}
+    net = getattr(model, "module", model)               # the plain module inside DistributedDataParallel
+    modules = {"model": net, **({"ema": ema} if ema is not None else {})}
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)   # fp16 needs loss scaling
     start_epoch, start_batch, step = restore(run, stage, modules, optimizer, scaler, state)
     steps_per_epoch = min((len(split) // run.world) // args.batch_size, args.max_steps_per_epoch or float("inf"))
@@ -378,7 +369,7 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
                 loss = loss_fn(x, attrs)
             optimizer_step(model, optimizer, scaler, loss)
             if ema is not None:
-                update_ema(ema, unwrap(model), args.ema_decay, step)
+                update_ema(ema, net, args.ema_decay, step)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             loss_sum, n, step = loss_sum + torch.nan_to_num(loss.detach()), n + 1, step + 1
             at_log = step % LOG_EVERY == 0
@@ -417,9 +408,8 @@ def optimizer_step(model, optimizer, scaler, loss) -> None:
 
 
 def stop_here(run) -> None:
-    if run.main:
-        print(f"stopped by signal; resumable state saved to {os.path.join(run.args.output_dir, 'last.pth')}\n"
-              f"continue with: python train.py --resume auto --output_dir {run.args.output_dir}", flush=True)
+    run.say(f"stopped by signal; resumable state saved to {os.path.join(run.args.output_dir, 'last.pth')}\n"
+            f"continue with: python train.py --resume auto --output_dir {run.args.output_dir}", flush=True)
     sys.exit(128 + STOP["signal"])
 
 
@@ -434,7 +424,6 @@ def update_ema(ema, model, decay: float, step: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The three stages
-
 
 def eval_timesteps(T: int) -> tuple:
     """Clean images and the noisy ones at T/4, T/2, 3T/4 (t = 250, 500, 750 for T = 1000)."""
@@ -453,8 +442,7 @@ def accuracy(run, split, predict, batch_size=256) -> torch.Tensor:
 
 
 def guide_accuracy(run, net, diffusion, split) -> dict:
-    """{t: per-attribute accuracy (A,)} of the guide on q_sample(x_0, t) with fixed noise at the evaluation
-    timesteps; at t = 0 on the clean x_0 itself."""
+    """{t: accuracy (A,)} of the guide on q_sample(x_0, t) with fixed noise, t in ``eval_timesteps`` (0: clean x_0)."""
     def at(t_value):
         g = torch.Generator().manual_seed(1234 + t_value)
 
@@ -478,8 +466,7 @@ def train_guide(run, data, diffusion) -> None:
     net = NoisyClassifier(cfg).to(run.device)
     model, state = wrap(net, run), {"best": -1.}
     opt = make_optimizer(net.parameters(), args.classifier_lr, 0.05, run.device)
-    if run.main:
-        print(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    run.say(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
 
     def loss_fn(x0, attrs):
         t = torch.randint(0, args.timesteps, (x0.shape[0],), device=run.device)
@@ -503,10 +490,9 @@ def train_guide(run, data, diffusion) -> None:
     acc = guide_accuracy(run, net, diffusion, data["test"])
     best["test_acc"] = {t: dict(zip(data["names"], (round(v, 4) for v in a.tolist()))) for t, a in acc.items()}
     run.log({"stage": "classifier", "final": True, "test_acc": best["test_acc"]})
-    if run.main:
-        print(f"classifier test accuracy on {args.attribute}: "
-              + ", ".join(f"t={t}: {a[k].item():.1%}" for t, a in acc.items()) + "; every attribute, clean: "
-              + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"][0].items()))
+    run.say(f"classifier test accuracy on {args.attribute}: "
+            + ", ".join(f"t={t}: {a[k].item():.1%}" for t, a in acc.items()) + "; every attribute, clean: "
+            + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"][0].items()))
     run.save(best, "classifier_best.pth")                               # with its test accuracy
 
 
@@ -538,15 +524,13 @@ def train_oracle(run, data) -> None:
     best["test_acc"] = dict(zip(data["names"], (round(a, 4) for a in acc.tolist())))
     run.log({"stage": "oracle", "final": True, "test_mean_acc": round(acc.mean().item(), 4),
              "test_acc": best["test_acc"]})
-    if run.main:
-        print(f"oracle test accuracy: mean {acc.mean().item():.1%}; "
-              + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"].items()))
+    run.say(f"oracle test accuracy: mean {acc.mean().item():.1%}; "
+            + ", ".join(f"{n} {a:.1%}" for n, a in best["test_acc"].items()))
     run.save(best, "oracle_best.pth")                                   # with its test accuracy
 
 
 def train_diffusion(run, data, diffusion) -> None:
-    """3. The diffusion model eps_theta(x_t, t) (DDPM Alg. 1), with an EMA of its weights for sampling; only last.pth
-    carries the optimizer."""
+    """3. The denoiser eps_theta(x_t, t) (DDPM Alg. 1) with an EMA of its weights; only last.pth has the optimizer."""
     args = run.args
     torch.manual_seed(args.seed + 104729)
     cfg = unet_config(args)
@@ -554,8 +538,7 @@ def train_diffusion(run, data, diffusion) -> None:
     ema = UNet(cfg).to(run.device, memory_format=memory_format_for(run.device)).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     model, opt = wrap(net, run), make_optimizer(net.parameters(), args.lr, 0.0, run.device)
-    if run.main:
-        print(f"diffusion UNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    run.say(f"diffusion UNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
     noise = torch.randn((16, 3, args.image_size, args.image_size), generator=torch.Generator().manual_seed(args.seed))
 
     def checkpoint(epoch, step):
@@ -580,8 +563,7 @@ def train_diffusion(run, data, diffusion) -> None:
     step = fit(run, "diffusion", model, opt, data["train"], args.diffusion_epochs, args.lr, lambda x, a:
                diffusion.training_loss(model, x), end_of_epoch, {}, ema=ema)
     run.save(checkpoint(args.diffusion_epochs, step), "diffusion_final.pth")
-    if run.main:
-        print(f"saved {os.path.join(args.output_dir, 'diffusion_final.pth')}")
+    run.say(f"saved {os.path.join(args.output_dir, 'diffusion_final.pth')}")
 
 
 def load_data(run) -> dict:
@@ -599,9 +581,8 @@ def load_data(run) -> dict:
 
     names, k = attribute_names(args.dataset), attribute_index(args.dataset, args.attribute)
     data = {s: split(s) for s in ("train", "valid", "test")}
-    if run.main:
-        print(f"attribute {args.attribute}: {data['train'].attrs[:, k].float().mean().item():.1%} of training "
-              f"images have it")
+    run.say(f"attribute {args.attribute}: {data['train'].attrs[:, k].float().mean().item():.1%} of training "
+            f"images have it")
     meta = {"dataset": args.dataset, "attribute": args.attribute, "attribute_index": k, "attr_names": names,
             "image_size": args.image_size, "args": vars(args)}
     return {**data, "names": names, "attr_idx": k, "meta": meta}
@@ -615,10 +596,9 @@ def main() -> int:
     run = Run(args, resume_state)
     check_output_dir(args, resuming=resume_state is not None)
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
-    if run.main:
-        print(f"GuidedEmotion training on {run.device}" + (f" x {run.world} processes" if run.world > 1 else "")
-              + f", {str(run.amp).replace('torch.', '') if run.amp else 'fp32'}; writing to "
-              f"{os.path.abspath(args.output_dir)}")
+    run.say(f"GuidedEmotion training on {run.device}" + (f" x {run.world} processes" if run.world > 1 else "")
+            + f", {str(run.amp).replace('torch.', '') if run.amp else 'fp32'}; writing to "
+            f"{os.path.abspath(args.output_dir)}")
     data = load_data(run)
     signal.signal(signal.SIGINT, _on_signal)      # after the decoding workers have gone: they would inherit it
     signal.signal(signal.SIGTERM, _on_signal)
@@ -632,8 +612,7 @@ def main() -> int:
         train_oracle(run, data)
     if args.diffusion_epochs > 0:
         train_diffusion(run, data, diffusion)
-    if run.main:
-        print(f"done; files are in {os.path.abspath(args.output_dir)}")
+    run.say(f"done; files are in {os.path.abspath(args.output_dir)}")
     if run.world > 1:
         dist.destroy_process_group()
     return 0
