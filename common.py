@@ -53,19 +53,19 @@ def resolve_device(name: str, doing: str = "running") -> torch.device:
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    """A flag's number must be finite and > 0 (or >= 0): a NaN or inf would pass every comparison."""
-    if value is not None and ((isinstance(value, float) and not math.isfinite(value)) or value < 0
-                              or (value == 0 and not allow_zero)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise UserError(f"{name} must be {bound}, got {value}; pass a value {bound}")
+    """A flag's number, or each in a list, must be finite and > 0 (or >= 0): a NaN or inf passes every comparison."""
+    for v in value if isinstance(value, list) else [value]:
+        if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or v < 0 or (v == 0 and not allow_zero)):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise UserError(f"{name} must be {bound}, got {v}; pass a value {bound}")
 
 
 MAX_SEED = 2 ** 32 - 104730   # NumPy seeds are < 2^32 and train.py's largest per-stage offset is 104729
 
 
-def check_seed(value: int, flag: str = "--seed") -> None:
+def check_seed(value: int) -> None:
     if not 0 <= value <= MAX_SEED:
-        raise UserError(f"{flag} must be an integer in [0, {MAX_SEED}], got {value}; pass e.g. 0")
+        raise UserError(f"--seed must be an integer in [0, {MAX_SEED}], got {value}; pass e.g. 0")
 
 
 def refuse_folder(path: str, flag: str) -> None:
@@ -144,8 +144,7 @@ def load_checkpoint(path: str, kind: str | None = None, flag: str = "checkpoint"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
-        if found:        # a pickle that names code to run: refused, nothing executed
+        if found := [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]:   # names code to run: refused
             raise UserError(f"{flag} '{path}' was refused by the safe loader (weights_only=True): "
                             f"{found[0][:160]} — it may run code on load; use only checkpoints written by "
                             f"this project's train.py") from None

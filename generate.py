@@ -94,8 +94,7 @@ def check_args(args, parser) -> bool:
     cf_mode = args.input is not None or args.from_dataset is not None
     for name in ("num_samples", "batch_size", "steps", "from_dataset"):
         check_positive("--" + name, getattr(args, name))
-    for scale in args.guidance_scale or []:
-        check_positive("--guidance_scale", scale, allow_zero=True)          # 0 means no guidance
+    check_positive("--guidance_scale", args.guidance_scale, allow_zero=True)          # 0 means no guidance
     check_positive("--preserve", args.preserve, allow_zero=True)
     check_seed(args.seed)
     if not 0.0 <= args.strength <= 1.0:

@@ -95,8 +95,7 @@ def main():
     for name in ("num_samples", "batch_size"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--fd_samples", args.fd_samples, allow_zero=True)
-    for s in args.scales:
-        check_positive("--scales", s, allow_zero=True)
+    check_positive("--scales", args.scales, allow_zero=True)
     check_seed(args.seed)
     check_output_file(args.json, "--json")
     device = resolve_device(args.device, "sampling")
