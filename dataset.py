@@ -170,9 +170,8 @@ def _image_array(n: int, image_size: int) -> np.ndarray:
 
 def _subset(n: int, fraction: float, seed: int, split: str) -> np.ndarray:
     """Sorted indices of a reproducible random subset of round(n * fraction) (>= 1) of range(n)."""
-    k = max(1, round(n * fraction))
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])  # independent per split
-    return np.sort(rng.choice(n, size=k, replace=False))
+    return np.sort(rng.choice(n, size=max(1, round(n * fraction)), replace=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +229,7 @@ def draw_toyface(key, size: int, attrs_override: dict | None = None) -> tuple[np
     else:
         mdraw.ellipse(px(cx - 0.47 * w, hairline, cx + 0.47 * w, hairline + 1.3 * h), fill=0)
     img.paste(hair, (0, 0, D, D), mask)
-    _draw_eyes(draw, a, px, cx, eye_y, eye_dx, brow_y, w, h, lw, 0.01 * h * (u[22] - 0.5), dark, frame)
+    _draw_eyes(draw, a, px, cx, eye_y, eye_dx, brow_y, w, lw, 0.01 * h * (u[22] - 0.5), dark, frame)
     ny = (eye_y + mouth_y) / 2 + 0.03 * h  # a hint of a nose
     draw.arc(px(cx - 0.05 * w, ny - 0.04 * h, cx + 0.05 * w, ny + 0.03 * h), 20, 160, fill=nose, width=max(1, lw // 2))
     if a["Goatee"]:  # below the mouth
@@ -259,7 +258,7 @@ def _toyface_colours(u: np.ndarray) -> list[tuple]:
             for c in (bg, skin, skin * 0.92, skin * 0.75, hair, dark, lips, frame)]
 
 
-def _draw_eyes(draw, a: dict, px, cx, eye_y, eye_dx, brow_y, w, h, lw, tilt, dark, frame) -> None:
+def _draw_eyes(draw, a: dict, px, cx, eye_y, eye_dx, brow_y, w, lw, tilt, dark, frame) -> None:
     """Eyebrows (one end ``tilt`` off level), eyes (dark dots with a white highlight), and glasses if worn."""
     r, g = 0.055 * w, 0.13 * w  # eye and glasses radius
     for side in (-1, 1):
@@ -405,12 +404,10 @@ def _read_celeba(files: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
     attrs = (values[:, [header.index(name) for name in CELEBA_ATTRIBUTES]] > 0).astype(np.uint8)
     path = files["partition"]
     table = {row[0]: row[-1] for row in _read_rows(path)[1]}
-    missing = next((name for name in names if name not in table), None)
-    if missing is not None:
+    if (missing := next((name for name in names if name not in table), None)) is not None:
         raise DataError(f"'{path}' has no line for {missing}, which list_attr_celeba lists; download both "
                         f"annotation files again")
-    bad = next((name for name in names if table[name] not in ("0", "1", "2")), None)
-    if bad is not None:
+    if (bad := next((name for name in names if table[name] not in ("0", "1", "2")), None)) is not None:
         raise DataError(f"'{path}' gives {bad} the split '{table[bad]}' (expected 0, 1 or 2); download it again")
     return names, attrs, np.array([int(table[name]) for name in names])
 
@@ -418,8 +415,7 @@ def _read_celeba(files: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
 def _build_celeba(files, split, image_size, fraction, seed, num_workers, verbose):
     names, attrs, codes = _read_celeba(files)
     in_split = np.flatnonzero(codes == SPLITS.index(split))
-    n = len(in_split)
-    if n == 0:
+    if (n := len(in_split)) == 0:
         raise DataError(f"'{files['partition']}' puts no image in split '{split}'; download it again")
     idx = in_split[_subset(n, fraction, seed, split)]
     jobs = [(os.path.join(files["images"], names[i]), image_size) for i in idx]
