@@ -114,8 +114,7 @@ def check_args(args, parser) -> bool:
             "data_root": args.from_dataset is None and "is where --from_dataset reads the test split",
             "guidance_scale": args.no_guidance and "sets guidance, which --no_guidance turns off"}
     given = parser.given()
-    flag = next((f for f, does in idle.items() if does and f in given), None)
-    if flag:
+    if flag := next((f for f, does in idle.items() if does and f in given), None):
         raise UserError(f"--{flag} {idle[flag]}, so it would do nothing in this run; drop it")
     if not 0.0 <= args.mask_threshold < 1.0:
         raise UserError(f"--mask_threshold must be in [0, 1), got {args.mask_threshold}")
@@ -176,7 +175,7 @@ def load_models(diffusion_path: str, classifier_path: str | None, oracle_path: s
 
 
 def load_run(run_dir: str, device) -> SimpleNamespace:
-    """The three networks of one train.py --output_dir, for evaluate.py, app.py and the benchmarks."""
+    """The three networks of one train.py --output_dir, for evaluate.py and the benchmarks."""
     if not os.path.isdir(run_dir):
         raise UserError(f"--run_dir '{run_dir}' is not a folder; pass a train.py --output_dir")
     return load_models(*(os.path.join(run_dir, f) for f in RUN_FILES), device)
@@ -400,8 +399,7 @@ def list_input_images(paths: list, output: str) -> list:
 def dataset_inputs(m, n: int, target: int, split):
     """N images of ``split`` (the run's test split, from ``run_split``) whose true steered attribute is not the
     target. -> (N,3,S,S) in [-1, 1], their names."""
-    k = m.guide.cfg.target_index
-    pick = torch.nonzero(split.attrs[:, k] != target).squeeze(1)[:n]
+    pick = torch.nonzero(split.attrs[:, m.guide.cfg.target_index] != target).squeeze(1)[:n]
     if len(pick) == 0:
         raise UserError(f"no test images with {m.attribute} != {target}; choose the other --target_label")
     if len(pick) < n:
@@ -501,12 +499,11 @@ def main() -> int:
     oracle = args.oracle_model or os.path.join(os.path.dirname(guide or args.diffusion_model), "oracle_best.pth")
     oracle = oracle if args.oracle_model or os.path.isfile(oracle) else None
     m = load_models(args.diffusion_model, guide, oracle, device)
-    defaults = EDIT_DEFAULTS if cf_mode else SAMPLE_DEFAULTS
-    sampler, steps = args.sampler or defaults["sampler"], args.steps or defaults["steps"]
     T = m.diffusion.num_timesteps
     if (args.steps or 0) > T:
         raise UserError(f"--steps {args.steps} is more than the model's {T} timesteps; use at most {T}")
-    steps = min(steps, T)
+    defaults = EDIT_DEFAULTS if cf_mode else SAMPLE_DEFAULTS
+    sampler, steps = args.sampler or defaults["sampler"], min(args.steps or defaults["steps"], T)
     scales = [0.0] if args.no_guidance else args.guidance_scale or defaults["guidance_scale"]
     stem = os.path.splitext(args.output)[0]
     if input_files is not None:
