@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 # ----------------------------------------------------------------------------------------------
 # Network
 
-
 @dataclass
 class UNetConfig:
     image_size: int = 64               # square images, side divisible by 2**(len(channel_mult) - 1)

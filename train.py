@@ -148,7 +148,6 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.amp = amp_dtype(self.device, args.precision)
         self.autocast = autocast(self.device, self.amp)
-        self.log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     def say(self, *args, **kwargs) -> None:
         if self.main:
@@ -156,8 +155,8 @@ class Run:
 
     def log(self, record: dict) -> None:
         if self.main:
-            with open(self.log_path, "a", encoding="utf-8") as f:           # a line at a time
-                f.write(json.dumps(record) + "\n")
+            with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")               # a line at a time
             if not record.get("final"):                          # a stage's final record prints its own line
                 print(" | ".join(f"{k} {v}" for k, v in record.items() if not isinstance(v, dict)), flush=True)
 
