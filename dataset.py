@@ -345,16 +345,14 @@ def _find_celeba(root: str, download: bool) -> dict:
             torchvision.datasets.CelebA(root, split="all", target_type="attr", download=True)
         except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise DataError(
-                f"downloading CelebA failed ({reason}); Google Drive often refuses (daily quota): get "
-                f"img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt by hand from "
-                f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or the Kaggle copy "
-                f"'jessicali9530/celeba-dataset'), unzip them into '{os.path.join(root, 'celeba')}' "
-                f"and run again without --download, or use --dataset toyfaces") from None
+            raise DataError(f"downloading CelebA failed ({reason}); Google Drive often refuses (daily quota): get "
+                            f"img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt by hand from "
+                            f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or the Kaggle copy "
+                            f"'jessicali9530/celeba-dataset'), unzip them into '{os.path.join(root, 'celeba')}' "
+                            f"and run again without --download, or use --dataset toyfaces") from None
         return _find_celeba(root, download=False)
-    missing = ", ".join(name for key, name in (("attr", "list_attr_celeba.txt"),
-                                               ("partition", "list_eval_partition.txt"),
-                                               ("images", "img_align_celeba/")) if key not in best)
+    names = {"attr": "list_attr_celeba.txt", "partition": "list_eval_partition.txt", "images": "img_align_celeba/"}
+    missing = ", ".join(name for key, name in names.items() if key not in best)
     where = "" if os.path.isdir(root) else " (the folder does not exist)"
     raise DataError(f"CelebA not found under '{root}'{where}: missing {missing}; {CELEBA_LAYOUTS}; "
                     f"or pass --download, or --dataset toyfaces")
