@@ -19,8 +19,8 @@ from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_d
                     check_positive, check_seed, ensure_writable_dir, resolve_device, run_main, to_json, to_uint8)
 from dataset import to_float, toyface_counterfactuals
 from diffusion_model import SAMPLERS
-from generate import (EDIT_DEFAULTS, SAMPLE_DEFAULTS, counterfactual_metrics, dataset_inputs, generate_images,
-                      guide_probabilities, load_run, make_counterfactuals, oracle_probabilities, run_split)
+from generate import (SAMPLE_DEFAULTS, counterfactual_metrics, dataset_inputs, generate_images, guide_probabilities,
+                      load_run, make_counterfactuals, oracle_probabilities, run_split)
 
 FID_COLUMNS = {"n_samples": "samples", "n_test": "test images", "sampler": "sampler", "steps": "steps", "fd": "FD"}
 CF_COLUMNS = {"n": "n", "flip_rate_oracle": "flip (oracle)", "flip_rate_guide": "flip (guide)", "fd": "FD",
@@ -138,8 +138,7 @@ def run_fid(args, m, fn, amp) -> dict:
 
 def run_counterfactuals(args, m, fn, amp) -> dict:
     """Per direction and pooled (n-weighted means; CD and Fréchet distances of the pooled pairs, as the papers)."""
-    recipe = {k: getattr(args, k) for k in ("strength", "preserve", "sampler") if getattr(args, k) is not None}
-    recipe["steps"] = args.steps or EDIT_DEFAULTS["steps"]
+    recipe = {k: getattr(args, k) for k in ("strength", "preserve", "sampler", "steps") if getattr(args, k) is not None}
     labels, test = run_split(m, "train").attrs, run_split(m, "test")        # attributes in the models' order
     rows, pool, k = {}, [], m.target_index
     for target in (1, 0):
