@@ -182,8 +182,7 @@ def load_run(run_dir: str, device) -> SimpleNamespace:
 
 
 def run_split(m, split: str, data_root: str | None = None):
-    """A split of the run's dataset with its size, subset and seed, from its cache where that is on this machine;
-    CelebA from ``data_root``, by default the run's own."""
+    """A split of the run's dataset with its size, subset and seed, from its cache where that is on this machine."""
     a, d = m.d_ckpt["args"], m.d_ckpt
     cache = a.get("cache_dir") if os.path.isdir(a.get("cache_dir") or "") else None
     return load_split(d["dataset"], split, d["image_size"], data_root or a.get("data_root", "./data"),
