@@ -172,8 +172,8 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PRECISION_HELP = ("autocast dtype: auto is bf16 on GPUs with native bf16 (Ampere and later) and on CPUs with native "
-                  "bf16, fp16 on older GPUs (T4, V100; training adds a gradient scaler), fp32 elsewhere")
+PRECISION_HELP = ("autocast dtype: auto is bf16 on GPUs with native bf16 (Ampere and later) and on CPUs with AMX, fp16 "
+                  "on older GPUs (T4, V100; training adds a gradient scaler), fp32 elsewhere")
 
 
 def amp_dtype(device: torch.device, precision: str = "auto"):
@@ -181,8 +181,8 @@ def amp_dtype(device: torch.device, precision: str = "auto"):
     if precision == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if precision == "auto":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()    # not emulated
-        return torch.bfloat16 if device.type == "cpu" and native else None
+        # AMX multiplies bf16 tiles in hardware; with AVX512-BF16 alone, bf16 trains slower than fp32 (docs/results.md)
+        return torch.bfloat16 if device.type == "cpu" and torch.cpu._is_amx_tile_supported() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 

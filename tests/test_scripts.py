@@ -452,3 +452,14 @@ def test_bad_input_through_the_real_command_line(gen_dir):
     assert_user_error(run("train.py", "--dataset", "toyfaces", "--attribute", "Smilling", "--output_dir", gen_dir),
                       "did you mean 'Smiling'")
     assert snapshot(gen_dir) == before
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, torch.bfloat16), (False, True, None),
+                                                        (False, False, None)])
+def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
+    import common
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert common.amp_dtype(cpu, "auto") is expected
+    assert common.amp_dtype(cpu, "bf16") is torch.bfloat16 and common.amp_dtype(cpu, "fp32") is None
