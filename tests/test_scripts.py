@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import train
 from dataset import attribute_index, load_split
 from fakes import SEED_OUTPUTS, TINY, assert_ok, assert_user_error, run, run_here, snapshot
@@ -457,7 +458,6 @@ def test_bad_input_through_the_real_command_line(gen_dir):
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, torch.bfloat16), (False, True, None),
                                                         (False, False, None)])
 def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
-    import common
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     cpu = torch.device("cpu")
