@@ -75,8 +75,8 @@ def get_parser() -> ArgumentParser:
                    help="make counterfactuals of N test images whose true label is not the target")
     p.add_argument("--data_root", default=None, help="dataset root for --from_dataset (default: the training one)")
     p.add_argument("--strength", type=float, default=EDIT_DEFAULTS["strength"], help="counterfactual noise level: "
-                   "start step t0 = round(strength * T) - 1; 0 returns the input, 1 edits from the full inversion (or pure "
-                   "noise with --no_invert)")
+                   "start step t0 = round(strength * T) - 1; 0 returns the input, 1 edits from the full inversion "
+                   "(from pure noise with --no_invert)")
     p.add_argument("--no_invert", action="store_true", help="counterfactuals: reach x_t0 by q_sample with fresh "
                    "noise (SDEdit) instead of the default deterministic DDIM inversion (fp32, no clipping, so that it "
                    "round-trips), which the ddim sampler alone takes; the other samplers always start from fresh noise")
