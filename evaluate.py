@@ -178,7 +178,8 @@ def main() -> int:
     if not os.path.isfile(os.path.join(args.run_dir, "diffusion_final.pth")):
         raise UserError(f"--run_dir '{args.run_dir}' holds no diffusion_final.pth; pass a finished train.py run")
     for name in ("steps", "batch_size", "num_samples", "n", "preserve", "strength", "guidance_scale"):
-        check_positive("--" + name, getattr(args, name, None), name in ("preserve", "strength", "guidance_scale"))
+        check_positive("--" + name, getattr(args, name, None),
+                       allow_zero=name in ("preserve", "strength", "guidance_scale"))
     if min(getattr(args, "num_samples", 2), getattr(args, "n", 2)) < 2:
         raise UserError("a Fréchet distance needs at least 2 images; pass --num_samples/--n >= 2")
     if (getattr(args, "strength", 0) or 0) > 1:
