@@ -42,7 +42,7 @@ def load_face(image, size: int) -> torch.Tensor:
 
 
 def parse_scales(text) -> list:
-    """'30 60 120' -> [30.0, 60.0, 120.0]: one guidance scale, or a ladder, smallest first."""
+    """'30 60 120' -> [30.0, 60.0, 120.0]: one guidance scale, or a ladder (tried from the smallest)."""
     scales = [float(s) if s.replace(".", "", 1).isdigit() else -1.0 for s in str(text).replace(",", " ").split()]
     if not scales or min(scales) < 0:
         raise UserError(f"guidance scales '{text}': write one number >= 0, or a ladder such as {EDIT_SCALES}")

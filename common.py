@@ -101,10 +101,11 @@ os.umask(UMASK)                                                # read the proces
 def atomic_save(obj: Any, path: str) -> None:
     """Write ``obj`` to a temporary file beside ``path``, fsync, then ``os.replace``, so a crash or a kill at any
     moment leaves the previous file intact; the file gets 0o666 less the umask, not mkstemp's private 0o600. By kind:
-    a PIL image (format from the extension), a NumPy array (.npy), text (``to_json``), else ``torch.save``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
+    a PIL image (format from the extension), a NumPy array (.npy), text (``to_json``), else ``torch.save``. A failed
+    write (a full disk, a name too long) is a ``UserError``."""
+    tmp = None
+    try:               # a short temporary name: any name the file system takes for ``path`` fits
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             if isinstance(obj, Image.Image):
                 obj.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
@@ -118,9 +119,13 @@ def atomic_save(obj: Any, path: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged: "
+                            f"free disk space or choose a shorter name or another folder") from None
         raise
 
 

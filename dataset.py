@@ -456,7 +456,7 @@ def _load_cache(stem: str, key: dict):
         n, S = len(meta["names"]), key["image_size"]
         assert meta["key"] == key and images.shape == (n, 3, S, S) and images.dtype == np.uint8
         attrs = (np.frombuffer("".join(meta["attrs"]).encode(), dtype=np.uint8) - ord("0")).reshape(n, -1)
-    except (OSError, ValueError, KeyError, AssertionError) as e:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AssertionError) as e:     # EOFError: an empty .npy
         print(f"warning: ignoring damaged cache {stem}.npy ({type(e).__name__}); rebuilding", file=sys.stderr)
         return None
     return images, attrs, meta["names"], meta["n_original"], meta["n_skipped"]

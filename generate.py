@@ -53,8 +53,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--num_samples", type=int, default=16, help="samples to draw from noise (per guidance scale)")
     p.add_argument("--guidance_scale", type=float, nargs="+", default=None, help="classifier guidance scale s. "
                    f"Samples: one row per scale (default {SAMPLE_DEFAULTS['guidance_scale'][0]:g}); counterfactuals: a "
-                   f"ladder, smallest first, each image taking the first scale the guide calls flipped (default "
-                   f"{' '.join(f'{s:g}' for s in EDIT_DEFAULTS['guidance_scale'])})")
+                   f"ladder, tried from the smallest, each image taking the first scale the guide calls flipped "
+                   f"(default {' '.join(f'{s:g}' for s in EDIT_DEFAULTS['guidance_scale'])})")
     p.add_argument("--target_label", type=int, default=1, choices=(0, 1), help="1: attribute present, 0: absent")
     p.add_argument("--output", default="generated_samples.png", help="grid image path; per-sample PNGs go in a "
                                                                       "folder named after its stem")
@@ -90,12 +90,16 @@ def get_parser() -> ArgumentParser:
     return p
 
 
-def check_args(args, parser) -> bool:
-    """Every flag checked before anything is loaded or written; -> whether this is a counterfactual run."""
+def check_args(args, given: set) -> bool:
+    """Every flag checked before anything is loaded or written (``given``: the flags on the command line);
+    -> whether this is a counterfactual run."""
     cf_mode = args.input is not None or args.from_dataset is not None
     for name in ("num_samples", "batch_size", "steps", "from_dataset"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--guidance_scale", args.guidance_scale, allow_zero=True)          # 0 means no guidance
+    if args.guidance_scale and len({f"{v:g}" for v in args.guidance_scale}) < len(args.guidance_scale):
+        raise UserError(f"--guidance_scale {' '.join(f'{v:g}' for v in args.guidance_scale)} repeats a scale; "
+                        f"give each once")
     check_positive("--preserve", args.preserve, allow_zero=True)
     check_seed(args.seed)
     if not 0.0 <= args.strength <= 1.0:
@@ -109,12 +113,13 @@ def check_args(args, parser) -> bool:
     idle = {**dict.fromkeys(("strength", "no_localize", "preserve"),
                             not cf_mode and "works on --input/--from_dataset counterfactuals"),
             "no_invert": (not cf_mode or sampler != "ddim") and "turns off the DDIM inversion of ddim counterfactuals",
+            "precision": cf_mode and sampler == "ddim" and not args.no_invert and "sets the autocast dtype, but "
+                         "counterfactuals from DDIM inversion run in fp32 (add --no_invert for SDEdit)",
             "mask_threshold": (not cf_mode or args.no_localize) and "shapes the localisation mask of counterfactuals",
             "num_samples": cf_mode and ("sets the number of samples from noise; counterfactuals make one per input "
                                         "image"),
             "data_root": args.from_dataset is None and "is where --from_dataset reads the test split",
             "guidance_scale": args.no_guidance and "sets guidance, which --no_guidance turns off"}
-    given = parser.given()
     if flag := next((f for f, does in idle.items() if does and f in given), None):
         raise UserError(f"--{flag} {idle[flag]}, so it would do nothing in this run; drop it")
     if not 0.0 <= args.mask_threshold < 1.0:
@@ -124,6 +129,10 @@ def check_args(args, parser) -> bool:
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
     refuse_folder(args.output, "--output")                   # before any work; writability is checked later
     refuse_folder(stem + ".json", "--output's summary")
+    others = [stem + e for e in (".png", ".jpg", ".jpeg") if e != ext.lower() and os.path.isfile(stem + e)]
+    if others:                          # a grid in another format: its .json and sample folder are this stem's too
+        raise UserError(f"--output '{args.output}' would take over the sample folder and .json of '{others[0]}'; "
+                        f"choose another name, or remove '{others[0]}'")
     if os.path.exists(stem) and not os.path.isdir(stem):
         raise UserError(f"--output '{args.output}' needs the sample folder '{stem}', but that is a file; choose "
                         f"another --output or move the file")
@@ -185,6 +194,8 @@ def load_run(run_dir: str, device) -> SimpleNamespace:
 def run_split(m, split: str, data_root: str | None = None):
     """A split of the run's dataset with its size, subset and seed, from its cache where that is on this machine."""
     a, d = m.d_ckpt["args"], m.d_ckpt
+    if data_root is not None and d["dataset"] == "toyfaces":
+        raise UserError("--data_root is where CelebA is read, but this model's toyfaces are drawn; drop --data_root")
     cache = a.get("cache_dir") if os.path.isdir(a.get("cache_dir") or "") else None
     return load_split(d["dataset"], split, d["image_size"], data_root or a.get("data_root", "./data"),
                       a.get("subset_fraction", 0.5), a.get("seed", 0), cache, verbose=False)
@@ -278,12 +289,12 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
     clipping and fp32 throughout, so that an unguided edit gives the input back; else q_sample (SDEdit).
     ``sample_kw``: seed, batch_size, amp.
     -> (N,3,S,S) counterfactuals, (N,1,S,S) masks (ones without ``localize``), (N,) the scale each used."""
-    scales, x_in = EDIT_DEFAULTS["guidance_scale"] if scales is None else scales, x_in.cpu()
+    scales, x_in = sorted(EDIT_DEFAULTS["guidance_scale"] if scales is None else scales), x_in.cpu()   # a ladder
     sample_kw.update(sampler=sampler, steps=steps)
     t0, n = round(strength * m.diffusion.num_timesteps) - 1, x_in.shape[0]
     out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
-    if t0 < 0:                                                # strength 0: the inputs themselves
-        return out, masks, used
+    if t0 < 0:                                                # strength 0: the inputs themselves, unguided
+        return out, torch.zeros_like(masks), torch.zeros(n)
     invert = invert and sampler == "ddim"                     # inversion is DDIM's step run forwards
     if invert:                    # fp32: no autocast, and no TF32 convolutions (below), no clipping
         sample_kw.update(clip=False, amp=None)
@@ -492,7 +503,7 @@ def report_counterfactuals(m, x_in, x_cf, masks, used, target: int, names: list)
 def main() -> int:
     parser = get_parser()
     args = parser.parse_args()
-    cf_mode = check_args(args, parser)
+    cf_mode = check_args(args, parser.given())
     input_files = list_input_images(args.input, args.output) if args.input is not None else None
     device = resolve_device(args.device, "sampling")
     guide = args.classifier_model if not args.no_guidance or os.path.isfile(args.classifier_model) else None

@@ -101,7 +101,7 @@ def get_parser() -> ArgumentParser:
     return p
 
 
-def check_args(args) -> None:
+def check_args(args, given: set) -> None:
     for name in ("image_size", "batch_size", "timesteps", "base_channels", "num_res_blocks", "classifier_channels",
                  "save_every", "checkpoint_every", "max_steps_per_epoch", "lr", "classifier_lr"):
         check_positive("--" + name, getattr(args, name))
@@ -120,6 +120,8 @@ def check_args(args) -> None:
     if problem := unet_config(args).check():
         raise UserError(problem + " (--image_size / --channel_mult / --attn_resolutions / --dropout)")
     attribute_index(args.dataset, args.attribute)   # raises with the closest name
+    if args.dataset == "toyfaces" and (flag := next((f for f in ("download", "data_root") if f in given), None)):
+        raise UserError(f"--{flag} is for CelebA, but toyfaces are drawn, not read; drop --{flag}")
 
 
 def unet_config(args) -> UNetConfig:
@@ -155,8 +157,12 @@ class Run:
 
     def log(self, record: dict) -> None:
         if self.main:
-            with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")               # a line at a time
+            try:
+                with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")           # a line at a time
+            except OSError as e:
+                raise UserError(f"could not append to train_log.jsonl ({e.strerror or e}); free disk space and "
+                                f"continue with --resume auto") from None
             if not record.get("final"):                          # a stage's final record prints its own line
                 print(" | ".join(f"{k} {v}" for k, v in record.items() if not isinstance(v, dict)), flush=True)
 
@@ -176,12 +182,10 @@ class Run:
     def save(self, obj, name: str) -> None:
         """Rank 0 writes atomically; the others wait so no one reads a half-made checkpoint."""
         if self.main:
-            path = os.path.join(self.args.output_dir, name)
             try:
-                atomic_save(obj, path)
-            except OSError as e:
-                raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is unchanged — "
-                                f"free disk space and continue with --resume auto") from None
+                atomic_save(obj, os.path.join(self.args.output_dir, name))
+            except UserError as e:
+                raise UserError(f"{e}; then continue with --resume auto") from None
         self.barrier()
 
 
@@ -193,8 +197,13 @@ def resumed_args(parser, args):
     path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.isfile(path):
         raise UserError(f"--resume auto: no last.pth in '{args.output_dir}'; start a new run without --resume")
-    state = load_checkpoint(path, kind="train_state", flag="--resume")
-    given = parser.given()
+    state, given = load_checkpoint(path, kind="train_state", flag="--resume"), parser.given()
+    folder = os.path.dirname(os.path.abspath(path))     # a run continues in its own folder, beside its best files
+    if "output_dir" not in given:
+        args.output_dir = folder
+    elif os.path.realpath(args.output_dir) != os.path.realpath(folder):
+        raise UserError(f"--resume {path} continues the run in its own folder '{folder}', not in --output_dir "
+                        f"'{args.output_dir}'; drop --output_dir, or copy the run's folder there and resume that")
     for k, v in state["args"].items():
         if k in NOT_RESUMED or not hasattr(args, k):
             continue
@@ -298,6 +307,8 @@ def wrap(model, run: Run):
     """The device's layout, torch.compile in place (its state dict stays the plain module's), then DDP around it
     (compiling the inner module, as PyTorch's "Where to apply torch.compile?" advises)."""
     model = model.to(run.device, memory_format=memory_format_for(run.device))
+    if run.world > 1:             # the same initial weights everywhere, then each rank its own t, eps, flips, dropout
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * run.rank)
     if run.args.compile:
         model.compile()
     if run.world > 1:
@@ -352,13 +363,11 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)   # fp16 needs loss scaling
     start_epoch, start_batch, step = restore(run, stage, modules, optimizer, scaler, state)
     steps_per_epoch = min((len(split) // run.world) // args.batch_size, args.max_steps_per_epoch or float("inf"))
-    if steps_per_epoch == 0:
-        raise UserError(f"{stage}: {len(split)} training images are fewer than one batch of {args.batch_size} per "
-                        f"process; lower --batch_size")
     first_bad, data = torch.full((), -1, dtype=torch.long, device=device), placed(run, split)  # first NaN step
     for epoch in range(start_epoch, epochs):
         model.train()
-        t0, loss_sum, n = time.time(), torch.zeros((), device=device), 0
+        s0, n0 = state.get("epoch_loss", (0.0, 0)) if start_batch else (0.0, 0)   # this epoch's, before a resume
+        t0, loss_sum, n = time.time(), torch.full((), s0, device=device), n0
         bar = tqdm(batches(run, *data, stage, epoch, start_batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/"
                    f"{epochs}", initial=start_batch, total=steps_per_epoch, disable=not run.main, leave=False)
         for b, (x, attrs) in enumerate(bar, start_batch):
@@ -379,6 +388,7 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
             if at_log:
                 bar.set_postfix(loss=f"{(loss_sum / n).item():.4f}")
             if save:
+                state["epoch_loss"] = (loss_sum.item(), n)
                 save_last(run, stage, modules, optimizer, scaler, epoch, b + 1, step, state)
             if stop:
                 stop_here(run)
@@ -386,7 +396,7 @@ def fit(run, stage, model, optimizer, split, epochs, lr, loss_fn, end_of_epoch, 
         check_finite(run, stage, first_bad)
         model.eval()
         record = {"stage": stage, "epoch": epoch + 1, "step": step, "loss": round((loss_sum / max(n, 1)).item(), 6),
-                  "images_per_s": round(n * args.batch_size * run.world / (time.time() - t0), 1)}   # loss: rank 0's
+                  "images_per_s": round((n - n0) * args.batch_size * run.world / (time.time() - t0), 1)}   # rank 0's
         start_batch = 0
         record.update(end_of_epoch(epoch + 1, record))
         run.log(record)
@@ -591,7 +601,7 @@ def main() -> int:
     parser = get_parser()
     args = parser.parse_args()
     resume_state = resumed_args(parser, args)
-    check_args(args)
+    check_args(args, parser.given())
     run = Run(args, resume_state)
     check_output_dir(args, resuming=resume_state is not None)
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
@@ -599,6 +609,9 @@ def main() -> int:
             + f", {str(run.amp).replace('torch.', '') if run.amp else 'fp32'}; writing to "
             f"{os.path.abspath(args.output_dir)}")
     data = load_data(run)
+    if (n := len(data["train"])) // run.world < args.batch_size:     # before --overwrite removes anything
+        raise UserError(f"{n} training images are fewer than one batch of {args.batch_size} per process; lower "
+                        f"--batch_size or raise --subset_fraction")
     signal.signal(signal.SIGINT, _on_signal)      # after the decoding workers have gone: they would inherit it
     signal.signal(signal.SIGTERM, _on_signal)
     if args.overwrite and resume_state is None and run.main:

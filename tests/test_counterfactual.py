@@ -94,6 +94,8 @@ def test_the_ladder_keeps_the_first_scale_that_flips():
     assert m.unet_calls["images"] == CALLS * (4 + 4 + 2 * tried)      # inversion, unguided once, guided + repaint
     assert m.guide_grads["images"] == CALLS * 2 * tried
     assert m.guide_all["images"] == CALLS * 2 * tried + tried         # + the no-grad verdict after each rung
+    shuffled, _, used = cf(stub_models(), x, [4.0, 1.0, 2.0])          # a ladder is climbed from its smallest scale
+    assert used.tolist() == [1.0, 1.0, 2.0, 2.0] and torch.equal(shuffled, out)
 
 
 def test_the_unguided_run_is_repeated_only_for_ddpm():
@@ -135,11 +137,11 @@ def test_preserve_guides_the_held_attributes_only():
 
 
 def test_strength_zero_returns_the_inputs():
-    """t0 = -1: the inputs themselves, all-ones masks, the first scale, and no network call."""
+    """t0 = -1: the inputs themselves, empty masks, no scale used (0), and no network call."""
     x = half_images([-0.1, -0.5])
     m = stub_models()
     out, masks, used = make_counterfactuals(m, x, 1, [3.0, 6.0], strength=0.0)
-    assert torch.equal(out, x) and masks.eq(1).all() and used.tolist() == [3.0, 3.0]
+    assert torch.equal(out, x) and masks.eq(0).all() and used.tolist() == [0.0, 0.0]
     assert m.unet_calls["images"] == 0 and m.guide_all["images"] == 0
 
 

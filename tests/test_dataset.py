@@ -216,11 +216,12 @@ def test_damaged_cache_is_rebuilt(celeba, tmp_path, capsys):
     root, cache = celeba[0], str(tmp_path)
     first = load(root, cache_dir=cache)
     (npy,) = [os.path.join(cache, f) for f in os.listdir(cache) if f.endswith(".npy")]
-    with open(npy, "r+b") as f:
-        f.truncate(100)  # a half-written file
-    again = load(root, cache_dir=cache)
-    assert "ignoring damaged cache" in capsys.readouterr().err
-    assert torch.equal(first.images, again.images)
+    for size in (100, 0):                   # a half-written file, an empty one
+        with open(npy, "r+b") as f:
+            f.truncate(size)
+        again = load(root, cache_dir=cache)
+        assert "ignoring damaged cache" in capsys.readouterr().err
+        assert torch.equal(first.images, again.images)
     assert torch.equal(load(root, cache_dir=cache).images, first.images)  # repaired
 
 

@@ -67,6 +67,8 @@ def test_torchrun_two_cpu_processes(ddp_run):
     ckpt = torch.load(out / "diffusion_final.pth", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])   # plain, unwrapped weights
     assert ckpt["args"]["batch_size"] == 4 and "optimizer" not in ckpt
+    rng = torch.load(out / "last.pth", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])    # each rank its own t, eps, flips
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if "epoch" in r]                         # written once (rank 0), not per rank
     assert [(r["stage"], r["step"]) for r in epochs] == [("classifier", 30), ("oracle", 30), ("diffusion", 30),

@@ -1,4 +1,5 @@
 """Faults: kill and resume, Ctrl-C, overwrite refusal, NaN, malicious and damaged checkpoints, failed writes."""
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,9 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, pre
     for k in a:
         assert torch.equal(a[k], b[k]), k                         # bit-identical
     assert torch.load(killed / "diffusion_final.pth", weights_only=True)["epoch"] == 2
+    losses = [[json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+              for out in (straight, killed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2     # epoch 1's loss counts the batches before the kill
     scalers = [torch.load(out / "last.pth", weights_only=True)["scaler"] for out in (straight, killed)]
     assert scalers[0] == scalers[1]                               # the scaler continued, not restarted
     # it trained: epoch 2 moved the weights on from epoch 1
@@ -121,7 +125,9 @@ def test_refuses_to_overwrite_an_earlier_run(tmp_path, capsys, monkeypatch):
     proc = here("train.py", *QUICK, "--output_dir", out, "--overwrite", "--dataset", "celeba", "--data_root",
                 tmp_path / "nowhere", **ctx)                              # bad input: --overwrite removes nothing
     assert_user_error(proc, "CelebA not found")
-    assert snapshot(tmp_path) == before
+    proc = here("train.py", *QUICK, "--output_dir", out, "--overwrite", "--batch_size", 101, **ctx)
+    assert_user_error(proc, "100 training images are fewer than one batch of 101")     # found after loading,
+    assert snapshot(tmp_path).items() >= before.items()                                 # the cache new, all kept
     proc = here("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 1, "--output_dir", out,
                 "--overwrite", **ctx)
     assert_ok(proc)
@@ -141,7 +147,12 @@ def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path, capsys, monke
     assert_user_error(proc, "--diffusion_epochs 3 differs from the resumed run's 1")
     proc = here("train.py", "--resume", "auto", "--output_dir", out, "--batch_size", 8, **ctx)
     assert_user_error(proc, "--batch_size 8 differs from the resumed run's 4")
-    assert snapshot(out) == before
+    proc = here("train.py", "--resume", out / "last.pth", "--output_dir", tmp_path / "elsewhere", **ctx)
+    assert_user_error(proc, "continues the run in its own folder", "drop --output_dir")
+    assert snapshot(out) == before and not (tmp_path / "elsewhere").exists()
+    # a path without --output_dir continues in the run's folder, not in the working directory
+    assert_ok(here("train.py", "--resume", out / "last.pth", **ctx))
+    assert sorted(os.listdir(tmp_path)) == ["run"]
     # the run's own values, and where and how the process runs, are accepted: a run resumed on a machine whose
     # --precision gives fp16 (a T4) starts a fresh gradient scaler
     proc = here("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 2, "--checkpoint_every", 5,
@@ -220,10 +231,14 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(common.torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write .*No space left on device.*free disk space"):
         atomic_save({"v": torch.tensor([2.0])}, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["diffusion_final.pth"]              # no temp file left behind
+    monkeypatch.undo()
+    longest = tmp_path / ("n" * 251 + ".png")                            # 255 bytes, the most a name may have
+    atomic_save("a name the file system takes", str(longest))           # its temporary file's name fits too
+    assert longest.read_text() == "a name the file system takes"
 
 
 def test_unwritable_output_is_caught_before_training(tmp_path, capsys, monkeypatch):
