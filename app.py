@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from PIL import Image
 
-from common import ArgumentParser, UserError, amp_dtype, autocast, resolve_device, run_main, to_uint8
+from common import ArgumentParser, UserError, amp_dtype, autocast, check_scales, resolve_device, run_main, to_uint8
 from dataset import load_image_file, preprocess_pil, to_float
 from generate import (EDIT_DEFAULTS, RUN_FILES, SAMPLE_DEFAULTS, difference_map, generate_images, guide_probabilities,
                       hit_rate, load_models, make_counterfactuals, oracle_probabilities, run_split)
@@ -31,7 +31,7 @@ def load_face(image, size: int) -> torch.Tensor:
     try:
         with Image.open(image) as img:                                        # reads only the header
             pixels = img.width * img.height
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"the upload is not a readable image ({type(e).__name__}); upload a PNG or JPEG face") from None
     if pixels > MAX_PIXELS:
         raise UserError(f"image {img.width}x{img.height} is over {MAX_PIXELS / 1e6:g} MP; upload a smaller one")
@@ -43,9 +43,13 @@ def load_face(image, size: int) -> torch.Tensor:
 
 def parse_scales(text) -> list:
     """'30 60 120' -> [30.0, 60.0, 120.0]: one guidance scale, or a ladder (tried from the smallest)."""
-    scales = [float(s) if s.replace(".", "", 1).isdigit() else -1.0 for s in str(text).replace(",", " ").split()]
-    if not scales or min(scales) < 0:
+    try:
+        scales = [float(s) for s in str(text).replace(",", " ").split()]
+    except ValueError:
+        scales = []
+    if not scales:
         raise UserError(f"guidance scales '{text}': write one number >= 0, or a ladder such as {EDIT_SCALES}")
+    check_scales("guidance scales", scales)                                   # finite, >= 0, each once
     return scales
 
 
@@ -72,6 +76,8 @@ def sample(m, target: int, scales=SAMPLE_SCALES, n=8, seed=0) -> dict:
     """``n`` faces per scale toward ``target`` -> {"images": [(PIL, caption)], "rates": {scale: oracle's share with the
     target}, "seconds", "summary"}"""
     t_begin, scales, images, rates = time.perf_counter(), parse_scales(scales), [], {}
+    if int(n) < 1:
+        raise UserError(f"faces per scale must be 1 or more, got {n}")
     for s in scales:
         x = generate_images(m, int(target), s, n=int(n), sampler=SAMPLE_DEFAULTS["sampler"], seed=seed,
                             steps=SAMPLE_DEFAULTS["steps"], amp=autocast(m.device, amp_dtype(m.device)))

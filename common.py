@@ -60,6 +60,13 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
             raise UserError(f"{name} must be {bound}, got {v}; pass a value {bound}")
 
 
+def check_scales(name: str, scales) -> None:
+    """Guidance scales: finite, >= 0, each given once (a repeated scale would run twice and be reported once)."""
+    check_positive(name, scales, allow_zero=True)
+    if isinstance(scales, list) and len({f"{s:g}" for s in scales}) < len(scales):
+        raise UserError(f"{name} {' '.join(f'{s:g}' for s in scales)} repeats a scale; give each once")
+
+
 MAX_SEED = 2 ** 32 - 104730   # NumPy seeds are < 2^32 and train.py's largest per-stage offset is 104729
 
 
@@ -98,11 +105,11 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)                                                # read the process's umask (os.umask sets it)
 
 
-def atomic_save(obj: Any, path: str) -> None:
+def atomic_save(obj: Any, path: str, fix: str = "free disk space, or choose a shorter name or another folder") -> None:
     """Write ``obj`` to a temporary file beside ``path``, fsync, then ``os.replace``, so a crash or a kill at any
     moment leaves the previous file intact; the file gets 0o666 less the umask, not mkstemp's private 0o600. By kind:
     a PIL image (format from the extension), a NumPy array (.npy), text (``to_json``), else ``torch.save``. A failed
-    write (a full disk, a name too long) is a ``UserError``."""
+    write (a full disk, a name too long) is a ``UserError`` that ends with ``fix``."""
     tmp = None
     try:               # a short temporary name: any name the file system takes for ``path`` fits
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".", suffix=".tmp")
@@ -125,7 +132,7 @@ def atomic_save(obj: Any, path: str) -> None:
                 os.remove(tmp)
         if isinstance(e, OSError):
             raise UserError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged: "
-                            f"free disk space or choose a shorter name or another folder") from None
+                            f"{fix}") from None
         raise
 
 

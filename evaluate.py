@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save, autocast,
-                    check_positive, check_seed, ensure_writable_dir, resolve_device, run_main, to_json, to_uint8)
+                    check_positive, check_scales, check_seed, ensure_writable_dir, refuse_folder, resolve_device,
+                    run_main, to_json, to_uint8)
 from dataset import to_float, toyface_counterfactuals
 from diffusion_model import SAMPLERS
 from generate import (SAMPLE_DEFAULTS, counterfactual_metrics, dataset_inputs, generate_images, guide_probabilities,
@@ -27,7 +28,9 @@ CF_COLUMNS = {"n": "n", "flip_rate_oracle": "flip (oracle)", "flip_rate_guide": 
               "sfd": "sFD", "mnac": "MNAC", "cd": "CD", "cout": "COUT", "l1_mean": "L1", "l1_to_exact": "L1 to exact",
               "unet_calls": "UNet calls / cf", "guide_grads": "guide grads / cf"}
 NOTE = ("DiME/ACE judge the flip by the classifier explained (128 px CelebA), here an independent oracle (run's size)"
-        ": 'flip (guide)' compares with theirs. FID/sFID pool both directions; without Inception: FD (oracle features)")
+        ": 'flip (guide)' compares with theirs. Their code scores only the counterfactuals that classifier flipped, "
+        "and its MNAC counts the target too (about ours + the flip rate); ours scores every counterfactual and counts "
+        "the other attributes. FID/sFID pool both directions; without Inception: FD (oracle features)")
 # Network calls per counterfactual at the papers' CelebA defaults. Their quality figures on CelebA Smile (128 px,
 # judged by the explained classifier) are in DiME's and ACE's Table 1 (arXiv:2203.15636, arXiv:2303.09962).
 PAPERS = {"DiME": {"calls": "≈ 1,830 UNet calls per guidance scale (60 + 60·59/2, its inner x̂0 chain)"},
@@ -86,7 +89,8 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     S1 S2 is similar to the PSD S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum of sqrt of its eigenvalues."""
     s1, s2 = (np.atleast_2d(np.cov(f, rowvar=False)) for f in (f1, f2))          # (D, D), unbiased
     eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
-    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
+    fd = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
+    return max(0.0, float(fd))                                   # >= 0: rounding makes FD(x, x) about -1e-5
 
 
 def split_fd(f_x: np.ndarray, f_cf: np.ndarray, seed: int = 0) -> float:
@@ -137,7 +141,9 @@ def run_fid(args, m, fn, amp) -> dict:
 
 
 def run_counterfactuals(args, m, fn, amp) -> dict:
-    """Per direction and pooled (n-weighted means; CD and Fréchet distances of the pooled pairs, as the papers)."""
+    """Per direction and pooled (n-weighted means; CD and Fréchet distances of the pooled pairs, as the papers: within
+    one direction the steered attribute's change is the same for every face, so its correlation, and CD, say
+    nothing)."""
     recipe = {k: getattr(args, k) for k in ("strength", "preserve", "sampler", "steps") if getattr(args, k) is not None}
     labels, test = run_split(m, "train").attrs, run_split(m, "test")        # attributes in the models' order
     rows, pool, k = {}, [], m.target_index
@@ -152,7 +158,6 @@ def run_counterfactuals(args, m, fn, amp) -> dict:
         s = counterfactual_metrics(m, x, x_cf, target, before, after)
         r = rows[f"toward {target}"] = {q: s[q] for q in CF_COLUMNS if q in s}      # n, flip rates, MNAC, L1
         r.update(unet_calls=m.unet_calls["images"] / len(x), guide_grads=m.guide_grads["images"] / len(x),
-                 cd=correlation_difference(labels, before > 0.5, after > 0.5, k),
                  cout=cout(lambda b: guide_probabilities(m, b)[:, m.guide.cfg.target_index], x, x_cf))
         if m.d_ckpt["dataset"] == "toyfaces":           # L1 to the same faces redrawn with only the attribute changed
             r["l1_to_exact"] = ((x_cf - to_float(torch.from_numpy(toyface_counterfactuals(names, "test", m.d_ckpt[
@@ -177,9 +182,9 @@ def main() -> int:
     args = get_parser().parse_args()                           # every flag and path checked before any loading
     if not os.path.isfile(os.path.join(args.run_dir, "diffusion_final.pth")):
         raise UserError(f"--run_dir '{args.run_dir}' holds no diffusion_final.pth; pass a finished train.py run")
-    for name in ("steps", "batch_size", "num_samples", "n", "preserve", "strength", "guidance_scale"):
-        check_positive("--" + name, getattr(args, name, None),
-                       allow_zero=name in ("preserve", "strength", "guidance_scale"))
+    for name in ("steps", "batch_size", "num_samples", "n", "preserve", "strength"):
+        check_positive("--" + name, getattr(args, name, None), allow_zero=name in ("preserve", "strength"))
+    check_scales("--guidance_scale", args.guidance_scale)
     if min(getattr(args, "num_samples", 2), getattr(args, "n", 2)) < 2:
         raise UserError("a Fréchet distance needs at least 2 images; pass --num_samples/--n >= 2")
     if (getattr(args, "strength", 0) or 0) > 1:
@@ -198,6 +203,8 @@ def main() -> int:
     if (args.steps or 0) > m.diffusion.num_timesteps:
         raise UserError(f"--steps {args.steps} is more than the model's {m.diffusion.num_timesteps} timesteps")
     path = os.path.join(ensure_writable_dir(args.out or os.path.join(args.run_dir, "eval"), "--out folder"), args.job)
+    for ext in (".json", ".md"):                                   # written at the end: refused before the work
+        refuse_folder(path + ext, "--out's " + ext)
     fn, label = feature_net(m, args.fid_weights)
     t0, fid = time.time(), args.job == "fid"
     rows = (run_fid if fid else run_counterfactuals)(args, m, fn, autocast(device, amp_dtype(device, args.precision)))

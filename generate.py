@@ -28,8 +28,8 @@ from PIL import Image
 
 from classifier import ClassifierConfig, NoisyClassifier, Oracle, OracleConfig, make_cond_fn
 from common import (PRECISION_HELP, PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save, autocast,
-                    check_positive, check_seed, ensure_writable_dir, grid_image, load_checkpoint, memory_format_for,
-                    refuse_folder, resolve_device, run_main, to_json, to_uint8)
+                    check_positive, check_scales, check_seed, ensure_writable_dir, grid_image, load_checkpoint,
+                    memory_format_for, refuse_folder, resolve_device, run_main, to_json, to_uint8)
 from dataset import load_image_file, load_split, to_float
 from diffusion_model import SAMPLERS, DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 
@@ -96,10 +96,7 @@ def check_args(args, given: set) -> bool:
     cf_mode = args.input is not None or args.from_dataset is not None
     for name in ("num_samples", "batch_size", "steps", "from_dataset"):
         check_positive("--" + name, getattr(args, name))
-    check_positive("--guidance_scale", args.guidance_scale, allow_zero=True)          # 0 means no guidance
-    if args.guidance_scale and len({f"{v:g}" for v in args.guidance_scale}) < len(args.guidance_scale):
-        raise UserError(f"--guidance_scale {' '.join(f'{v:g}' for v in args.guidance_scale)} repeats a scale; "
-                        f"give each once")
+    check_scales("--guidance_scale", args.guidance_scale)                              # 0 means no guidance
     check_positive("--preserve", args.preserve, allow_zero=True)
     check_seed(args.seed)
     if not 0.0 <= args.strength <= 1.0:
@@ -129,10 +126,12 @@ def check_args(args, given: set) -> bool:
         raise UserError(f"--output '{args.output}' must end in .png or .jpg")
     refuse_folder(args.output, "--output")                   # before any work; writability is checked later
     refuse_folder(stem + ".json", "--output's summary")
-    others = [stem + e for e in (".png", ".jpg", ".jpeg") if e != ext.lower() and os.path.isfile(stem + e)]
-    if others:                          # a grid in another format: its .json and sample folder are this stem's too
-        raise UserError(f"--output '{args.output}' would take over the sample folder and .json of '{others[0]}'; "
-                        f"choose another name, or remove '{others[0]}'")
+    earlier = earlier_run(stem + ".json").get("args")
+    name = os.path.basename(str(earlier.get("output") or "")) if isinstance(earlier, dict) else ""
+    other = os.path.join(os.path.dirname(args.output), name)
+    if name and name != os.path.basename(args.output) and os.path.isfile(other):     # same stem, another format
+        raise UserError(f"--output '{args.output}' would take over the sample folder and .json of an earlier run's "
+                        f"'{other}'; choose another name, or remove '{other}'")
     if os.path.exists(stem) and not os.path.isdir(stem):
         raise UserError(f"--output '{args.output}' needs the sample folder '{stem}', but that is a file; choose "
                         f"another --output or move the file")
@@ -288,7 +287,8 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
     it the output is the input, pixel for pixel. With ``invert`` and the ddim sampler: x_t0 by DDIM inversion, no
     clipping and fp32 throughout, so that an unguided edit gives the input back; else q_sample (SDEdit).
     ``sample_kw``: seed, batch_size, amp.
-    -> (N,3,S,S) counterfactuals, (N,1,S,S) masks (ones without ``localize``), (N,) the scale each used."""
+    -> (N,3,S,S) counterfactuals, (N,1,S,S) masks (ones without ``localize``, zeros at strength 0), (N,) the scale
+    each used (0 at strength 0)."""
     scales, x_in = sorted(EDIT_DEFAULTS["guidance_scale"] if scales is None else scales), x_in.cpu()   # a ladder
     sample_kw.update(sampler=sampler, steps=steps)
     t0, n = round(strength * m.diffusion.num_timesteps) - 1, x_in.shape[0]
@@ -359,7 +359,8 @@ def counterfactual_metrics(m, x: torch.Tensor, x_cf: torch.Tensor, target: int, 
                            g_after=None) -> dict:
     """Of counterfactuals x_cf of x (both (N,3,S,S) in [-1, 1]): flip rate = share judged to have the target label
     (p > 0.5) by the guide and, when there is one, the oracle; MNAC = mean number of the *other* attributes whose
-    oracle decision changed (DiME Sec. 5, ACE); L1 = mean absolute pixel difference on the [0, 1] scale per image,
+    oracle decision changed, over every counterfactual (DiME Sec. 5 and ACE's code count the target too, over the
+    flipped ones); L1 = mean absolute pixel difference on the [0, 1] scale per image,
     then mean and std."""
     l1 = ((x - x_cf).abs() / 2).flatten(1).mean(1)                               # (N,)
     out = {"n": int(x.shape[0]), "l1_mean": l1.mean().item(), "l1_std": l1.std(unbiased=False).item()}
@@ -427,13 +428,23 @@ def difference_map(x: torch.Tensor, x_cf: torch.Tensor) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+def earlier_run(json_path: str) -> dict:
+    """The .json an earlier run wrote at ``json_path`` ("args", "samples", ...), or {} if there is none to read."""
+    try:
+        with open(json_path) as f:
+            earlier = json.load(f)
+        return earlier if isinstance(earlier, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def write_files(folder: str, json_path: str, files: dict) -> None:
     """Write ``files`` {name: (3,S,S) image} into the sample folder, and remove the per-sample images that an
     earlier run with the same --output listed in its .json and this run does not write."""
     try:
-        with open(json_path) as f:
-            earlier = {r["file"] for r in json.load(f)["samples"] if os.path.basename(str(r["file"])) == r["file"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        earlier = {r["file"] for r in earlier_run(json_path)["samples"] if os.path.basename(str(r["file"])) ==
+                   r["file"]}
+    except (KeyError, TypeError):                       # no earlier run, or a .json not written by this script
         earlier = set()
     for name, x in files.items():
         atomic_save(Image.fromarray(to_uint8(x[None])[0]), os.path.join(folder, name))

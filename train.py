@@ -93,7 +93,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--save_every", type=int, default=10, help="write diffusion_epoch_{N}.pth every N epochs")
     p.add_argument("--sample_every", type=int, default=5, help="unguided EMA sample grid every N epochs (0: never)")
     p.add_argument("--checkpoint_every", type=int, default=500, help="write last.pth every N optimizer steps")
-    p.add_argument("--resume", help="continue from a last.pth: a path, or 'auto' for <output_dir>/last.pth")
+    p.add_argument("--resume", help="continue from a last.pth: 'auto' for <output_dir>/last.pth, or a path (the run "
+                   "continues in that file's folder)")
     p.add_argument("--overwrite", action="store_true", help="allow starting over in an output_dir with checkpoints")
     p.add_argument("--device", default="cuda", help="cuda, cpu, cuda:1, mps (falls back to cpu without CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for training (a GPU option)")
@@ -182,10 +183,7 @@ class Run:
     def save(self, obj, name: str) -> None:
         """Rank 0 writes atomically; the others wait so no one reads a half-made checkpoint."""
         if self.main:
-            try:
-                atomic_save(obj, os.path.join(self.args.output_dir, name))
-            except UserError as e:
-                raise UserError(f"{e}; then continue with --resume auto") from None
+            atomic_save(obj, os.path.join(self.args.output_dir, name), "free disk space, then --resume auto")
         self.barrier()
 
 
@@ -291,10 +289,11 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     if scaler.is_enabled() and rs["scaler"]:            # fp16 before and now (--precision may resolve otherwise here)
         scaler.load_state_dict(rs["scaler"])
     state.update(rs["state"])
-    rng = rs["rng"][run.rank] if run.rank < len(rs["rng"]) else rs["rng"][0]
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and run.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    if run.rank < len(rs["rng"]):                       # a rank the run did not have keeps its own stream (wrap)
+        rng = rs["rng"][run.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and run.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], run.device)
     run.say(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
     run.resume_state = None
     return rs["epoch"], rs["batch"], rs["step"]
@@ -307,7 +306,7 @@ def wrap(model, run: Run):
     """The device's layout, torch.compile in place (its state dict stays the plain module's), then DDP around it
     (compiling the inner module, as PyTorch's "Where to apply torch.compile?" advises)."""
     model = model.to(run.device, memory_format=memory_format_for(run.device))
-    if run.world > 1:             # the same initial weights everywhere, then each rank its own t, eps, flips, dropout
+    if run.rank:                  # the same initial weights everywhere, then each rank its own t, eps, flips, dropout
         torch.manual_seed(torch.initial_seed() + 1_000_003 * run.rank)
     if run.args.compile:
         model.compile()

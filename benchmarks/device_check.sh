@@ -186,5 +186,5 @@ EOF
   done
   echo; echo "=== done ($(date +%T))"
   [ -s "$OUT/failed" ] && echo "failed or out of time:" && sed 's/^/  /' "$OUT/failed"
-} 2>&1 | tee "$OUT/device_check.log"
+} 2>&1 | tee -a "$OUT/device_check.log"          # appended: a rerun of one step keeps the earlier record
 [ ! -s "$OUT/failed" ]

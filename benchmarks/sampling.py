@@ -100,9 +100,9 @@ def main():
     check_output_file(args.json, "--json")
     device = resolve_device(args.device, "sampling")
     m = load_run(args.run_dir, device)
-    if args.classifier_model:
-        m.guide = load_models(os.path.join(args.run_dir, "diffusion_final.pth"), args.classifier_model, None,
-                              device).guide
+    if args.classifier_model:         # another guide: its attribute, judged by the run's oracle
+        m = load_models(os.path.join(args.run_dir, "diffusion_final.pth"), args.classifier_model,
+                        os.path.join(args.run_dir, "oracle_best.pth"), device)
     if args.order == "shift_then_clip":
         m.diffusion = ShiftThenClip(m.diffusion.cfg)
     if args.normalize:

@@ -2,11 +2,13 @@
 errors, and the page itself in headless Chromium (skipped where gradio, selenium or Chromium is missing)."""
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -89,16 +91,22 @@ def test_sample_returns_faces_and_the_oracles_rate(models):
 def test_bad_input_is_one_clear_message_and_the_handler_still_works(models, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("1", (6000, 5000)).save(tmp_path / "huge.png")        # 30 MP, a few kB on disk
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a header claiming 400 MP: PIL's
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr          # bomb guard
+                                        + struct.pack(">I", zlib.crc32(ihdr)))                   # refuses it on open
     for image, message in ((str(tmp_path / "notes.png"), "not a readable image"),
+                           (str(tmp_path / "bomb.png"), "not a readable image"),
                            (str(tmp_path / "huge.png"), "6000x5000 is over 25 MP; upload a smaller one"),
                            (None, "no face given")):
         with pytest.raises(UserError, match=message):
             app.counterfactual(models, image, 1)
-    for scales in ("abc", "", "-1", "nan", "inf", "30 x"):
+    for scales in ("abc", "", "-1", "nan", "inf", "30 x", "30 60 30", "²", "1" * 400):
         with pytest.raises(UserError, match="guidance scales"):
             app.counterfactual(models, face(), 1, scales=scales)
         with pytest.raises(UserError, match="guidance scales"):
             app.sample(models, 1, scales)
+    with pytest.raises(UserError, match="faces per scale must be 1 or more"):
+        app.sample(models, 1, "8", n=0)
     for strength in (-0.1, 1.5, float("nan")):
         with pytest.raises(UserError, match="strength must be in"):
             app.counterfactual(models, face(), 1, strength=strength)

@@ -208,6 +208,15 @@ def test_sampling_benchmark(toy_run, tmp_path):
     assert all(0 < r["mean_abs_diff_to_first_precision"] < 0.5 for r in bf16)     # same noise: close, not equal
     table = [line for line in proc.stdout.splitlines() if line.startswith("| DDPM-10") or line.startswith("| DPMPP2M-5")]
     assert len(table) == len(rows)
+    # a guide of another attribute: the oracle judges that attribute too, in the rows and the table's header
+    guide = torch.load(out / "classifier_best.pth", weights_only=True)
+    k = guide["attr_names"].index("Eyeglasses")
+    guide["attribute"], guide["attribute_index"], guide["config"]["target_index"] = "Eyeglasses", k, k
+    torch.save(guide, tmp_path / "eyeglasses.pth")
+    proc = run("benchmarks/sampling.py", "--run_dir", out, "--device", "cpu", "--configs", "ddim:4", "--scales", 5,
+               "--num_samples", 3, "--targets", 1, "--classifier_model", tmp_path / "eyeglasses.pth")
+    assert_ok(proc)
+    assert "oracle: Eyeglasses rate" in proc.stdout and "Smiling" not in proc.stdout
 
 
 def test_sampling_benchmark_variants_are_their_formulas():

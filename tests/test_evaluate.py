@@ -25,6 +25,8 @@ def test_frechet_distance_closed_forms():
     a, b = with_moments(mu_a, np.diag(sa ** 2)), with_moments(mu_b, np.diag(sb ** 2), seed=1)
     assert frechet_distance(a, b) == pytest.approx(1 + 4 + ((sa - sb) ** 2).sum(), rel=1e-9)
     assert abs(frechet_distance(a, a)) < 1e-9
+    few = np.random.default_rng(0).standard_normal((3, 64))      # fewer images than features: S1 S2 is singular and
+    assert 0 <= frechet_distance(few, few) < 1e-9                # the raw sum rounds to about -1e-5
     # 2x2 covariances that do not commute: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2 (eigenvalues >= 0)
     s1, s2 = np.array([[2.0, 0.8], [0.8, 1.0]]), np.array([[1.0, -0.3], [-0.3, 3.0]])
     assert not np.allclose(s1 @ s2, s2 @ s1)
@@ -149,10 +151,11 @@ def test_counterfactuals_job(toy_run, tmp_path, no_inception):
     for name in ("toward 1", "toward 0"):
         r = rows[name]
         assert r["n"] == 4 and r["unet_calls"] == 5 and r["guide_grads"] == 5
-        assert 0 <= r["flip_rate_oracle"] <= 1 and 0 <= r["mnac"] <= 4 and -1 <= r["cout"] <= 1 and r["cd"] >= 0
-        assert 0 < r["l1_mean"] < 1 and 0 < r["l1_to_exact"] < 1 and "fd" not in r
+        assert 0 <= r["flip_rate_oracle"] <= 1 and 0 <= r["mnac"] <= 4 and -1 <= r["cout"] <= 1
+        assert 0 < r["l1_mean"] < 1 and 0 < r["l1_to_exact"] < 1 and "fd" not in r and "cd" not in r   # pooled only
     pooled = rows["pooled"]
     assert pooled["n"] == 8 and pooled["unet_calls"] == 5 and pooled["fd"] > 0 and np.isfinite(pooled["sfd"])
+    assert pooled["cd"] >= 0
     assert pooled["flip_rate_guide"] == pytest.approx((rows["toward 1"]["flip_rate_guide"]
                                                        + rows["toward 0"]["flip_rate_guide"]) / 2)
     assert "| pooled | 8 |" in md and "sFD (oracle features)" in md and "DiME" in md and md in proc.stdout
@@ -195,6 +198,8 @@ def test_failed_inception_download_falls_back(monkeypatch, capsys):
     (["fid", "--batch_size", "0"], ["--batch_size"]),
     (["counterfactuals", "--strength", "2"], ["--strength"]),
     (["counterfactuals", "--guidance_scale", "nan"], ["--guidance_scale"]),
+    (["counterfactuals", "--guidance_scale", "30", "60", "30"], ["--guidance_scale 30 60 30 repeats a scale"]),
+    (["fid", "--out", "ev"], ["ev/fid.md' is a folder"]),                  # refused before the work, not after
     (["fid", "--guidance_scale", "3"], ["--target_label"]),
     (["fid", "--fid_weights", "missing.pth"], ["--fid_weights"]),
     (["fid", "--fid_weights", "junk.pth"], ["--fid_weights"]),
@@ -205,6 +210,7 @@ def test_failed_inception_download_falls_back(monkeypatch, capsys):
 def test_bad_input(toy_run, tmp_path, extra, fragments, capsys, monkeypatch):
     out, _ = toy_run
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "ev" / "fid.md").mkdir(parents=True)
     args = extra + ([] if "--run_dir" in extra or extra == ["ssim"] else ["--run_dir", out])
     files = lambda: sorted(p for p in out.rglob("*")) + sorted(tmp_path.rglob("*"))
     before = files()

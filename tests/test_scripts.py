@@ -217,6 +217,16 @@ def test_generate_no_guidance_needs_no_classifier_and_a_rerun_removes_only_its_s
                                                                   "sample_0099.png"]
     assert sorted(os.listdir(tmp_path)) == ["diffusion_final.pth", "generated_samples", "generated_samples.json",
                                             "generated_samples.png"]
+    # the same stem in another format would take over that run's folder and .json: refused, nothing touched
+    before = snapshot(tmp_path)
+    proc = run("generate.py", "--no_guidance", "--device", "cpu", "--output", "generated_samples.jpg", cwd=tmp_path)
+    assert_user_error(proc, "take over the sample folder and .json of an earlier run's 'generated_samples.png'")
+    assert snapshot(tmp_path) == before
+    (tmp_path / "face.png").write_bytes((tmp_path / "generated_samples" / "sample_0000.png").read_bytes())
+    proc = run("generate.py", "--classifier_model", out / "classifier_best.pth", "--device", "cpu", "--steps", 5,
+               "--input", "face.png", "--output", "face.jpg", cwd=tmp_path)   # an input of the same stem is no output
+    assert_ok(proc)
+    assert os.listdir(tmp_path / "face") == ["0000_face.png"]
 
 
 def test_generate_ddpm_several_scales_and_reproducible(toy_run, tmp_path):
@@ -412,7 +422,6 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--oracle_model", "missing.pth"], ["--oracle_model", "missing.pth", "not found"]),
     (["--output", "afile/out.png"], ["cannot write", "afile"]),
     (["--output", "grid.gif"], ["--output"]),
-    (["--output", "generated_samples.jpg"], ["take over the sample folder and .json of 'generated_samples.png'"]),
     (["--strength", "1.5", "--input", "garbage.png"], ["--strength must be in [0, 1]"]),
     (["--strength", "-0.1", "--from_dataset", "4"], ["--strength must be in [0, 1]"]),
     (["--strength", "nan", "--from_dataset", "4"], ["--strength must be in [0, 1]"]),
