@@ -31,7 +31,9 @@ def load_face(image, size: int) -> torch.Tensor:
     try:
         with Image.open(image) as img:                                        # reads only the header
             pixels = img.width * img.height
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:                                      # PIL's own limit, far above ours
+        raise UserError(f"the image is over {MAX_PIXELS / 1e6:g} MP; upload a smaller one") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"the upload is not a readable image ({type(e).__name__}); upload a PNG or JPEG face") from None
     if pixels > MAX_PIXELS:
         raise UserError(f"image {img.width}x{img.height} is over {MAX_PIXELS / 1e6:g} MP; upload a smaller one")

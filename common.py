@@ -63,7 +63,7 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
 def check_scales(name: str, scales) -> None:
     """Guidance scales: finite, >= 0, each given once (a repeated scale would run twice and be reported once)."""
     check_positive(name, scales, allow_zero=True)
-    if isinstance(scales, list) and len({f"{s:g}" for s in scales}) < len(scales):
+    if isinstance(scales, list) and len({f"{s + 0.0:g}" for s in scales}) < len(scales):       # -0.0 + 0.0 is 0.0
         raise UserError(f"{name} {' '.join(f'{s:g}' for s in scales)} repeats a scale; give each once")
 
 

@@ -78,7 +78,9 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, plus a skip. (B,Ci,H,W) -> (B,Co,H,W)."""
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, plus a skip. (B,Ci,H,W) -> (B,Co,H,W).
+    As in DDPM the embedding is a per-channel shift before GroupNorm, which subtracts each group's mean: it reaches
+    the output only where a group holds 2 or more channels (width > 32 with 32 groups)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()

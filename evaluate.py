@@ -142,8 +142,8 @@ def run_fid(args, m, fn, amp) -> dict:
 
 def run_counterfactuals(args, m, fn, amp) -> dict:
     """Per direction and pooled (n-weighted means; CD and Fréchet distances of the pooled pairs, as the papers: within
-    one direction the steered attribute's change is the same for every face, so its correlation, and CD, say
-    nothing)."""
+    one direction the steered attribute changes on the flipped faces alone, so CD there would measure flipped against
+    not, and nothing once every face flips)."""
     recipe = {k: getattr(args, k) for k in ("strength", "preserve", "sampler", "steps") if getattr(args, k) is not None}
     labels, test = run_split(m, "train").attrs, run_split(m, "test")        # attributes in the models' order
     rows, pool, k = {}, [], m.target_index

@@ -183,11 +183,12 @@ def load_models(diffusion_path: str, classifier_path: str | None, oracle_path: s
     return m
 
 
-def load_run(run_dir: str, device) -> SimpleNamespace:
-    """The three networks of one train.py --output_dir, for evaluate.py and the benchmarks."""
+def load_run(run_dir: str, device, classifier_path: str | None = None) -> SimpleNamespace:
+    """The three networks of one train.py --output_dir (or another guide), for evaluate.py and the benchmarks."""
     if not os.path.isdir(run_dir):
         raise UserError(f"--run_dir '{run_dir}' is not a folder; pass a train.py --output_dir")
-    return load_models(*(os.path.join(run_dir, f) for f in RUN_FILES), device)
+    diffusion, classifier, oracle = (os.path.join(run_dir, f) for f in RUN_FILES)
+    return load_models(diffusion, classifier_path or classifier, oracle, device)
 
 
 def run_split(m, split: str, data_root: str | None = None):
@@ -434,7 +435,7 @@ def earlier_run(json_path: str) -> dict:
         with open(json_path) as f:
             earlier = json.load(f)
         return earlier if isinstance(earlier, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

@@ -150,6 +150,7 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         self.amp = amp_dtype(self.device, args.precision)
+        self.on_failed_write = f"free disk space, then --resume auto --output_dir {args.output_dir}"
         self.autocast = autocast(self.device, self.amp)
 
     def say(self, *args, **kwargs) -> None:
@@ -183,7 +184,7 @@ class Run:
     def save(self, obj, name: str) -> None:
         """Rank 0 writes atomically; the others wait so no one reads a half-made checkpoint."""
         if self.main:
-            atomic_save(obj, os.path.join(self.args.output_dir, name), "free disk space, then --resume auto")
+            atomic_save(obj, os.path.join(self.args.output_dir, name), self.on_failed_write)
         self.barrier()
 
 
@@ -196,6 +197,9 @@ def resumed_args(parser, args):
     if args.resume == "auto" and not os.path.isfile(path):
         raise UserError(f"--resume auto: no last.pth in '{args.output_dir}'; start a new run without --resume")
     state, given = load_checkpoint(path, kind="train_state", flag="--resume"), parser.given()
+    if (saved := len(state["rng"])) != (world := int(os.environ.get("WORLD_SIZE", 1))):   # shards and batch index
+        raise UserError(f"--resume: {path} was written by {saved} process(es), this run has {world}; resume with "
+                        f"{saved} (each epoch's data order and batch index depend on it)")
     folder = os.path.dirname(os.path.abspath(path))     # a run continues in its own folder, beside its best files
     if "output_dir" not in given:
         args.output_dir = folder
@@ -289,11 +293,10 @@ def restore(run, stage, modules, optimizer, scaler, state) -> tuple:
     if scaler.is_enabled() and rs["scaler"]:            # fp16 before and now (--precision may resolve otherwise here)
         scaler.load_state_dict(rs["scaler"])
     state.update(rs["state"])
-    if run.rank < len(rs["rng"]):                       # a rank the run did not have keeps its own stream (wrap)
-        rng = rs["rng"][run.rank]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and run.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], run.device)
+    rng = rs["rng"][run.rank]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
     run.say(f"resuming {stage} at epoch {rs['epoch'] + 1}, batch {rs['batch']}, step {rs['step']}")
     run.resume_state = None
     return rs["epoch"], rs["batch"], rs["step"]
@@ -561,7 +564,7 @@ def train_diffusion(run, data, diffusion) -> None:
                                      generator=torch.Generator(run.device).manual_seed(args.seed), progress=False)
             path = os.path.join(args.output_dir, "samples", f"diffusion_epoch_{epoch}.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_save(grid_image(to_uint8(x), nrow=4), path)
+            atomic_save(grid_image(to_uint8(x), nrow=4), path, run.on_failed_write)
             out["samples"] = os.path.relpath(path, args.output_dir)
         if epoch % args.save_every == 0:
             run.save(checkpoint(epoch, record["step"]), f"diffusion_epoch_{epoch}.pth")

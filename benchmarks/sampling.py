@@ -32,10 +32,10 @@ import torch  # noqa: E402
 import generate  # noqa: E402
 from classifier import make_cond_fn  # noqa: E402
 from common import (PRECISIONS, ArgumentParser, UserError, amp_dtype, atomic_save, autocast,  # noqa: E402
-                    check_output_file, check_positive, check_seed, resolve_device, run_main, to_json)
+                    check_output_file, check_positive, check_scales, check_seed, resolve_device, run_main, to_json)
 from evaluate import features, frechet_distance  # noqa: E402
 from diffusion_model import SAMPLERS, GaussianDiffusion  # noqa: E402
-from generate import (generate_images, guide_probabilities, hit_rate, load_models, load_run,  # noqa: E402
+from generate import (generate_images, guide_probabilities, hit_rate, load_run,  # noqa: E402
                       oracle_probabilities, run_split)
 
 
@@ -95,14 +95,11 @@ def main():
     for name in ("num_samples", "batch_size"):
         check_positive("--" + name, getattr(args, name))
     check_positive("--fd_samples", args.fd_samples, allow_zero=True)
-    check_positive("--scales", args.scales, allow_zero=True)
+    check_scales("--scales", args.scales)
     check_seed(args.seed)
     check_output_file(args.json, "--json")
     device = resolve_device(args.device, "sampling")
-    m = load_run(args.run_dir, device)
-    if args.classifier_model:         # another guide: its attribute, judged by the run's oracle
-        m = load_models(os.path.join(args.run_dir, "diffusion_final.pth"), args.classifier_model,
-                        os.path.join(args.run_dir, "oracle_best.pth"), device)
+    m = load_run(args.run_dir, device, args.classifier_model)      # another guide: its attribute, the run's oracle
     if args.order == "shift_then_clip":
         m.diffusion = ShiftThenClip(m.diffusion.cfg)
     if args.normalize:

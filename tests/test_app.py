@@ -91,11 +91,13 @@ def test_sample_returns_faces_and_the_oracles_rate(models):
 def test_bad_input_is_one_clear_message_and_the_handler_still_works(models, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("1", (6000, 5000)).save(tmp_path / "huge.png")        # 30 MP, a few kB on disk
-    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a header claiming 400 MP: PIL's
-    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr          # bomb guard
-                                        + struct.pack(">I", zlib.crc32(ihdr)))                   # refuses it on open
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(chunk(*c) for c in (   # a header claiming
+        (b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)), (b"IDAT", zlib.compress(b"\0" * 10)),
+        (b"IEND", b""))))                                   # 400 MP, which PIL's decompression-bomb guard refuses
     for image, message in ((str(tmp_path / "notes.png"), "not a readable image"),
-                           (str(tmp_path / "bomb.png"), "not a readable image"),
+                           (str(tmp_path / "bomb.png"), "over 25 MP; upload a smaller one"),
                            (str(tmp_path / "huge.png"), "6000x5000 is over 25 MP; upload a smaller one"),
                            (None, "no face given")):
         with pytest.raises(UserError, match=message):

@@ -410,6 +410,22 @@ def test_known_region_is_kept_and_the_rest_generated(diffusion, sampler):
     assert not torch.equal(everywhere * (1 - mask), x0 * (1 - mask))
 
 
+def test_known_region_is_noised_to_each_step(diffusion):
+    """RePaint Eq. 8: between steps the known region is q_sample(x0_known, t_prev), so with x0_known = 0 known
+    everywhere, the network sees noise of std sqrt(1 - abar_{t_prev}) at each later step, not the clean zeros."""
+    seen = []
+
+    def net(x, t):
+        seen.append((int(t[0]), x.std().item()))
+        return torch.zeros_like(x)
+    net.parameters = lambda: iter([torch.zeros(1)])               # the device sample() reads from the network
+    x0, mask = torch.zeros(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    diffusion.sample(net, x0.shape, sampler="ddim", steps=10, t_start=499, x_t=torch.randn(1, 3, 32, 32),
+                     known=(mask, x0), generator=torch.Generator().manual_seed(0), progress=False)
+    for t, std in seen[1:]:                                       # each step's input: the last step's t_prev
+        assert std == pytest.approx((1 - diffusion.alphas_cumprod[t]).sqrt().item(), rel=0.1), t
+
+
 # ---------------------------------------------------------------------------------------------- the UNet
 
 
@@ -444,10 +460,30 @@ def test_attention_is_the_formula():
 
 
 def test_timestep_embedding_distinguishes_steps():
-    e = timestep_embedding(torch.tensor([0, 1, 500]), 32)
+    t = torch.tensor([0, 1, 500])
+    e = timestep_embedding(t, 32)
     assert e.shape == (3, 32)
-    assert torch.allclose(e[0, :16], torch.ones(16))           # cos(0) = 1
+    angles = t[:, None].double() * 10000.0 ** (-torch.arange(16).double() / 16)      # t * 10000^(-i / half)
+    assert torch.allclose(e.double(), torch.cat([angles.cos(), angles.sin()], 1), atol=1e-5)
     assert (e[1] - e[2]).abs().max() > 0.1
+
+
+def test_the_unet_and_the_guide_read_the_timestep():
+    """Through each ResBlock's embedding, added before GroupNorm: with every weight drawn (none left at its zero
+    init), the same image at t = 0 and t = 999 gives different outputs where a group holds 2 channels
+    (width 64, 32 groups). With 1 channel per group (width 16 here) the norm removes the embedding altogether."""
+    torch.manual_seed(0)
+    unet = lambda width: UNet(UNetConfig(image_size=16, base_channels=width, channel_mult=(1,), num_res_blocks=1,
+                                         attn_resolutions=(), dropout=0.0))                       # noqa: E731
+    for net, reads_t in ((unet(64), True), (NoisyClassifier(ClassifierConfig(16, base_channels=64, channel_mult=(1,),
+                                                                             num_outputs=2, target_index=0)), True),
+                         (unet(16), False)):
+        for p in net.parameters():
+            torch.nn.init.normal_(p, 0, 0.1)
+        x = torch.randn(1, 3, 16, 16)
+        with torch.no_grad():
+            a, b = (net(x, torch.tensor([t])) for t in (0, 999))
+        assert ((a - b).abs().mean() > 0.01 * a.abs().mean()) == reads_t, (type(net).__name__, reads_t)   # vs ~1e-7
 
 
 # ---------------------------------------------------------------------------------------------- guidance

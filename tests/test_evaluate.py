@@ -101,6 +101,8 @@ def test_correlation_difference():
     assert correlation_difference(labels, *decisions(d0, d0, torch.tensor([1, -1, 1, -1])), k=0) == pytest.approx(0)
     # attribute 1 never changes (a constant column: NaN counts as 0), attribute 2 changes against the target
     assert correlation_difference(labels, *decisions(d0, 0 * d0, -d0), k=0) == pytest.approx(2)
+    # attribute 2 is uncorrelated in the data but moves with the target here: |0 - 1| counts as 1, not -1
+    assert correlation_difference(labels, *decisions(d0, d0, d0), k=0) == pytest.approx(1)
 
 
 def test_cout_on_built_cases():
@@ -153,6 +155,7 @@ def test_counterfactuals_job(toy_run, tmp_path, no_inception):
         assert r["n"] == 4 and r["unet_calls"] == 5 and r["guide_grads"] == 5
         assert 0 <= r["flip_rate_oracle"] <= 1 and 0 <= r["mnac"] <= 4 and -1 <= r["cout"] <= 1
         assert 0 < r["l1_mean"] < 1 and 0 < r["l1_to_exact"] < 1 and "fd" not in r and "cd" not in r   # pooled only
+        assert abs(r["l1_to_exact"] - r["l1_mean"]) > 1e-4     # the redraw with the attribute changed is not the input
     pooled = rows["pooled"]
     assert pooled["n"] == 8 and pooled["unet_calls"] == 5 and pooled["fd"] > 0 and np.isfinite(pooled["sfd"])
     assert pooled["cd"] >= 0

@@ -140,6 +140,8 @@ def test_refuses_to_overwrite_an_earlier_run(tmp_path, capsys, monkeypatch):
 def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path, capsys, monkeypatch):
     out, ctx = tmp_path / "run", dict(tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert_ok(here("train.py", *QUICK, "--diffusion_epochs", 1, "--max_steps_per_epoch", 2, "--output_dir", out, **ctx))
+    lr = torch.load(out / "last.pth", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(2e-4 * 2 / 5)                  # --lr's default warmed up linearly: step 2 of 5
     before = snapshot(out)
     proc = here("train.py", "--resume", "auto", "--output_dir", out, "--attribute", "Young", **ctx)
     assert_user_error(proc, "--attribute Young differs from the resumed run's Smiling", "drop --attribute")
@@ -149,6 +151,10 @@ def test_resume_refuses_a_flag_that_differs_from_the_run(tmp_path, capsys, monke
     assert_user_error(proc, "--batch_size 8 differs from the resumed run's 4")
     proc = here("train.py", "--resume", out / "last.pth", "--output_dir", tmp_path / "elsewhere", **ctx)
     assert_user_error(proc, "continues the run in its own folder", "drop --output_dir")
+    monkeypatch.setenv("WORLD_SIZE", "2")                      # torchrun's, for a run written by one process
+    assert_user_error(here("train.py", "--resume", "auto", "--output_dir", out, **ctx), "written by 1 process(es), "
+                      "this run has 2; resume with 1")
+    monkeypatch.delenv("WORLD_SIZE")
     assert snapshot(out) == before and not (tmp_path / "elsewhere").exists()
     # a path without --output_dir continues in the run's folder, not in the working directory
     assert_ok(here("train.py", "--resume", out / "last.pth", **ctx))

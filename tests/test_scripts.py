@@ -11,7 +11,7 @@ from PIL import Image
 
 import common
 import train
-from dataset import attribute_index, load_split
+from dataset import attribute_index, load_split, to_float
 from fakes import SEED_OUTPUTS, TINY, assert_ok, assert_user_error, run, run_here, snapshot
 from generate import EDIT_DEFAULTS, SAMPLE_DEFAULTS, load_models
 
@@ -36,6 +36,14 @@ def test_help(script, flags, tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- train.py
+
+
+def test_optimizer_step_clips_the_gradient_norm_to_one():
+    lin = torch.nn.Linear(4, 3)
+    opt = train.make_optimizer(lin.parameters(), 1e-3, 0.0, torch.device("cpu"))
+    train.optimizer_step(lin, opt, torch.amp.GradScaler("cpu", enabled=False), 100 * lin(torch.ones(2, 4)).sum())
+    norm = torch.cat([p.grad.flatten() for p in lin.parameters()]).norm()       # the gradient the step used
+    assert norm == pytest.approx(train.GRAD_CLIP, rel=1e-5)                     # from about 775
 
 
 def test_train_writes_every_output_and_logs_each_stage(toy_run):
@@ -198,6 +206,21 @@ def test_generate_samples_with_the_mode_defaults(toy_run, tmp_path):
     assert "not an independent judge" in proc.stdout and "oracle (independent)" in proc.stdout
 
 
+def test_generate_toward_0_reports_p_of_absent(toy_run, tmp_path):
+    """Toward 0 each sample's p_target is 1 - p(present), by the oracle on the written image, and the rate counts
+    p_target > 0.5."""
+    work = copy_run(toy_run[0], tmp_path / "gen")
+    assert_ok(run("generate.py", "--target_label", 0, "--num_samples", 4, "--steps", 5, "--device", "cpu", cwd=work))
+    report = json.loads((work / "generated_samples.json").read_text())
+    m = load_models(str(work / "diffusion_final.pth"), None, str(work / "oracle_best.pth"), torch.device("cpu"))
+    for r in report["samples"]:
+        x = to_float(torch.from_numpy(np.array(Image.open(work / "generated_samples" / r["file"]))).permute(2, 0, 1))
+        p_present = torch.sigmoid(m.oracle(x[None]))[0, m.target_index].item()
+        assert r["oracle_p_target"] == pytest.approx(1 - p_present, abs=0.02)          # the PNG is rounded to uint8
+    (summary,) = report["summary"].values()
+    assert summary["oracle_target_rate"] == np.mean([r["oracle_p_target"] > 0.5 for r in report["samples"]])
+
+
 def test_generate_no_guidance_needs_no_classifier_and_a_rerun_removes_only_its_stale_files(toy_run, tmp_path):
     out, _ = toy_run
     shutil.copy(out / "diffusion_final.pth", tmp_path / "diffusion_final.pth")
@@ -210,13 +233,16 @@ def test_generate_no_guidance_needs_no_classifier_and_a_rerun_removes_only_its_s
     # a second, smaller run with the same --output removes the first's extra images, and nothing else
     (tmp_path / "generated_samples" / "notes.txt").write_text("the user's own file")
     (tmp_path / "generated_samples" / "sample_0099.png").write_bytes(b"the user's, not listed in the .json")
+    (tmp_path / "keep.txt").write_text("outside the sample folder")
+    report["samples"] += [{"file": "../keep.txt"}, {"file": str(tmp_path / "keep.txt")}]   # a .json edited by hand
+    (tmp_path / "generated_samples.json").write_text(json.dumps(report))
     proc = run("generate.py", "--no_guidance", "--num_samples", 2, "--device", "cpu", "--steps", 5, cwd=tmp_path)
     assert_ok(proc)
     assert "removed 2 per-sample image(s) that an earlier run wrote" in proc.stdout
     assert sorted(os.listdir(tmp_path / "generated_samples")) == ["notes.txt", "sample_0000.png", "sample_0001.png",
                                                                   "sample_0099.png"]
     assert sorted(os.listdir(tmp_path)) == ["diffusion_final.pth", "generated_samples", "generated_samples.json",
-                                            "generated_samples.png"]
+                                            "generated_samples.png", "keep.txt"]            # only names, in the folder
     # the same stem in another format would take over that run's folder and .json: refused, nothing touched
     before = snapshot(tmp_path)
     proc = run("generate.py", "--no_guidance", "--device", "cpu", "--output", "generated_samples.jpg", cwd=tmp_path)
@@ -447,6 +473,7 @@ def gen_dir(toy_run, celeba_run, tmp_path):
     (["--seed", str(10 ** 15)], ["--seed must be an integer in [0, 4294862566]"]),
     (["--strength", "0.3"], ["--strength works on --input/--from_dataset", "drop it"]),
     (["--guidance_scale", "30", "10", "30"], ["--guidance_scale 30 10 30 repeats a scale"]),
+    (["--guidance_scale", "0", "-0"], ["repeats a scale"]),
     (["--from_dataset", "4", "--precision", "bf16"], ["--precision sets the autocast dtype", "fp32", "--no_invert"]),
     (["--from_dataset", "4", "--data_root", "nowhere"], ["--data_root is where CelebA is read", "toyfaces"]),
     (["--num_samples", "4", "--from_dataset", "4"], ["--num_samples sets the number of samples from noise"]),
