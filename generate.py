@@ -293,9 +293,9 @@ def make_counterfactuals(m, x_in: torch.Tensor, target: int, scales=None, *, str
     scales, x_in = sorted(EDIT_DEFAULTS["guidance_scale"] if scales is None else scales), x_in.cpu()   # a ladder
     sample_kw.update(sampler=sampler, steps=steps)
     t0, n = round(strength * m.diffusion.num_timesteps) - 1, x_in.shape[0]
-    out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
     if t0 < 0:                                                # strength 0: the inputs themselves, unguided
-        return out, torch.zeros_like(masks), torch.zeros(n)
+        return x_in.clone(), torch.zeros_like(x_in[:, :1]), torch.zeros(n)
+    out, masks, used = x_in.clone(), torch.ones_like(x_in[:, :1]), torch.full((n,), float(scales[0]))
     invert = invert and sampler == "ddim"                     # inversion is DDIM's step run forwards
     if invert:                    # fp32: no autocast, and no TF32 convolutions (below), no clipping
         sample_kw.update(clip=False, amp=None)

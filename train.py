@@ -163,8 +163,8 @@ class Run:
                 with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")           # a line at a time
             except OSError as e:
-                raise UserError(f"could not append to train_log.jsonl ({e.strerror or e}); free disk space and "
-                                f"continue with --resume auto") from None
+                raise UserError(f"could not append to train_log.jsonl ({e.strerror or e}); "
+                                f"{self.on_failed_write}") from None
             if not record.get("final"):                          # a stage's final record prints its own line
                 print(" | ".join(f"{k} {v}" for k, v in record.items() if not isinstance(v, dict)), flush=True)
 
@@ -188,7 +188,7 @@ class Run:
         self.barrier()
 
 
-def resumed_args(parser, args):
+def resumed_args(args, given: set):
     """With --resume: the last.pth to continue, and ``args`` set to the run's own flags (those given on this
     command line must agree, but where and how the process runs). Without it: None."""
     if not args.resume:
@@ -196,7 +196,7 @@ def resumed_args(parser, args):
     path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.isfile(path):
         raise UserError(f"--resume auto: no last.pth in '{args.output_dir}'; start a new run without --resume")
-    state, given = load_checkpoint(path, kind="train_state", flag="--resume"), parser.given()
+    state = load_checkpoint(path, kind="train_state", flag="--resume")
     if (saved := len(state["rng"])) != (world := int(os.environ.get("WORLD_SIZE", 1))):   # shards and batch index
         raise UserError(f"--resume: {path} was written by {saved} process(es), this run has {world}; resume with "
                         f"{saved} (each epoch's data order and batch index depend on it)")
@@ -602,8 +602,9 @@ def load_data(run) -> dict:
 def main() -> int:
     parser = get_parser()
     args = parser.parse_args()
-    resume_state = resumed_args(parser, args)
-    check_args(args, parser.given())
+    given = parser.given()                                  # the flags on the command line
+    resume_state = resumed_args(args, given)
+    check_args(args, given)
     run = Run(args, resume_state)
     check_output_dir(args, resuming=resume_state is not None)
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
