@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 CHECKPOINT_FORMAT = "guidedemotion"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 class UserError(Exception):

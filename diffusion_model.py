@@ -78,15 +78,16 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, plus a skip. (B,Ci,H,W) -> (B,Co,H,W).
-    As in DDPM the embedding is a per-channel shift before GroupNorm, which subtracts each group's mean: it reaches
-    the output only where a group holds 2 or more channels (width > 32 with 32 groups)."""
+    """GroupNorm-SiLU-conv twice, the timestep embedding in between, plus a skip. (B,Ci,H,W) -> (B,Co,H,W).
+    The embedding scales and shifts the normalised features, GroupNorm(h) (1 + scale) + shift (ADM's AdaGN, Dhariwal
+    & Nichol 2021, Sec. 3), rather than DDPM's shift before the norm, which GroupNorm subtracts again wherever a
+    group holds a single channel (a width of 32 or less with 32 groups)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb = nn.Linear(temb_dim, out_ch)
+        self.temb = nn.Linear(temb_dim, 2 * out_ch)                 # scale and shift
         self.norm2 = group_norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -96,8 +97,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None]          # (B, Co) -> (B, Co, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.temb(F.silu(temb))[:, :, None, None].chunk(2, dim=1)   # (B, 2Co) -> 2 x (B, Co, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h) * (1 + scale) + shift)))
         return self.skip(x) + h
 
 

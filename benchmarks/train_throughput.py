@@ -20,7 +20,7 @@ and splits a step by kind of op. --json is written after the timing and again af
 diffusers is configured to match ``UNet(UNetConfig)``: block_out_channels = base_channels * channel_mult;
 layers_per_block = num_res_blocks (its decoder has one more per level, as ours); Attn{Down,Up}Block2D at the
 sides in attn_resolutions; a Res-Attn-Res middle; sinusoidal time embedding (cos first) -> Linear -> SiLU ->
-Linear; stride-2 conv downsampling, nearest x2 + conv upsampling; the same skips. ``ours_as_diffusers_state``
+Linear; the embedding as a scale and shift after the ResBlock's second GroupNorm; stride-2 conv downsampling, nearest x2 + conv upsampling; the same skips. ``ours_as_diffusers_state``
 renames our weights to diffusers' names; every run gives ours random weights, loads them strictly into the twin
 and compares the outputs ("same function"). What still differs: GroupNorm groups (ours gcd(32, C) per layer,
 diffusers one count: the smallest of ours) and attention head dims (ours num_heads per layer, diffusers one
@@ -136,7 +136,7 @@ def diffusers_twin(cfg: UNetConfig, ours: UNet):
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         attention_head_dim=head_dims[-1], norm_num_groups=groups[0], dropout=cfg.dropout,
-        flip_sin_to_cos=True, freq_shift=0)
+        flip_sin_to_cos=True, freq_shift=0, resnet_time_scale_shift="scale_shift")
     return DiffusersEps(net), notes
 
 

@@ -19,7 +19,7 @@ import app
 from common import UserError, load_checkpoint
 from dataset import TOYFACES_ATTRIBUTES, preprocess_pil, to_float
 from fakes import ROOT, assert_user_error, run_here
-from generate import EDIT_DEFAULTS, SAMPLE_DEFAULTS, load_run, oracle_probabilities
+from generate import EDIT_DEFAULTS, SAMPLE_DEFAULTS, guide_probabilities, load_run, oracle_probabilities
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -49,7 +49,9 @@ def test_defaults_are_generate_recipes():
 
 def test_counterfactual_of_an_uploaded_image(models):
     upload = face()                                                  # 30x40, not square, not the model's 16 px
-    r = app.counterfactual(models, upload, 1, scales="30 10000")    # the tiny guide needs a huge scale to change much
+    x = to_float(torch.from_numpy(preprocess_pil(upload, 16)).permute(2, 0, 1)[None])
+    target = int(guide_probabilities(models, x)[0, models.guide.cfg.target_index] < 0.5)   # what the guide says it is not
+    r = app.counterfactual(models, upload, target, scales="30 10000")   # the tiny guide needs a huge scale to change much
     original, cf, diff = (np.array(im) for im in r["images"])
     assert original.shape == cf.shape == diff.shape == (16, 16, 3)
     assert np.array_equal(original, preprocess_pil(upload, 16))      # prepared like the training data
@@ -60,7 +62,7 @@ def test_counterfactual_of_an_uploaded_image(models):
     for row, b, a in zip(r["table"], before.tolist(), after.tolist()):
         assert abs(p_of(row[1]) - b) < 0.006 and abs(p_of(row[2]) - a) < 0.02, (row, b, a)
     steered = r["table"][models.target_index]
-    assert r["flipped_oracle"] == (p_of(steered[2]) > 0.5) and isinstance(r["flipped_guide"], bool)
+    assert r["flipped_oracle"] == ((p_of(steered[2]) > 0.5) == bool(target)) and isinstance(r["flipped_guide"], bool)
     assert r["scale"] in (30, 10000) and (r["scale"] == 10000 or r["flipped_guide"])   # 30 only if the guide flips
     assert r["seconds"] > 0 and f"scale {r['scale']:g}; {r['seconds']:.1f} s" in r["summary"]
     changed = (original != cf).any(-1)                               # (16, 16)

@@ -469,21 +469,24 @@ def test_timestep_embedding_distinguishes_steps():
 
 
 def test_the_unet_and_the_guide_read_the_timestep():
-    """Through each ResBlock's embedding, added before GroupNorm: with every weight drawn (none left at its zero
-    init), the same image at t = 0 and t = 999 gives different outputs where a group holds 2 channels
-    (width 64, 32 groups). With 1 channel per group (width 16 here) the norm removes the embedding altogether."""
+    """Through each ResBlock's scale and shift after GroupNorm: with the convolutions and linear layers drawn (none
+    left at its zero init; GroupNorm's affine at its (1, 0) init), the same image at t = 0 and t = 999 gives
+    different outputs, also where a group holds one channel (width 16 with 32 groups), where DDPM's shift before the
+    norm is removed by it exactly."""
     torch.manual_seed(0)
     unet = lambda width: UNet(UNetConfig(image_size=16, base_channels=width, channel_mult=(1,), num_res_blocks=1,
                                          attn_resolutions=(), dropout=0.0))                       # noqa: E731
-    for net, reads_t in ((unet(64), True), (NoisyClassifier(ClassifierConfig(16, base_channels=64, channel_mult=(1,),
-                                                                             num_outputs=2, target_index=0)), True),
-                         (unet(16), False)):
-        for p in net.parameters():
-            torch.nn.init.normal_(p, 0, 0.1)
+    guide = lambda width: NoisyClassifier(ClassifierConfig(16, base_channels=width, channel_mult=(1,), num_outputs=2,
+                                                           target_index=0))                        # noqa: E731
+    for net in (unet(64), unet(16), guide(64), guide(16)):
+        for layer in net.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.normal_(layer.weight, 0, 0.3)
+                torch.nn.init.normal_(layer.bias, 0, 0.3)
         x = torch.randn(1, 3, 16, 16)
         with torch.no_grad():
             a, b = (net(x, torch.tensor([t])) for t in (0, 999))
-        assert ((a - b).abs().mean() > 0.01 * a.abs().mean()) == reads_t, (type(net).__name__, reads_t)   # vs ~1e-7
+        assert (a - b).abs().mean() > 1e-3 * a.abs().mean(), type(net).__name__      # DDPM's shift, width 16: ~1e-7
 
 
 # ---------------------------------------------------------------------------------------------- guidance
@@ -578,7 +581,7 @@ def test_scale_zero_equals_unguided(diffusion, sampler):
                          cond_fn=make_cond_fn(clf, 1, 0.0), **kw)
     c = diffusion.sample(model, (2, 3, 16, 16), generator=torch.Generator().manual_seed(7),
                          cond_fn=make_cond_fn(clf, 1, 5.0), **kw)
-    assert torch.allclose(a, b, atol=1e-5)           # a zero shift; x0_hat recomputed from eps differs in rounding
+    assert torch.allclose(a, b, atol=1e-4)    # a zero shift; x0_hat recomputed from eps differs in rounding (x 1/sqrt(abar))
     assert (a - c).abs().max() > 0.01
 
 

@@ -188,7 +188,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys, monkeypa
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"format": "guidedemotion", "format_version": 2, "kind": "diffusion", "x": Evil()}, tmp_path / "evil.pth")
+    torch.save({"format": "guidedemotion", "format_version": 3, "kind": "diffusion", "x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(UserError, match="refused by the safe loader"):
         load_checkpoint(str(tmp_path / "evil.pth"), "diffusion")
     proc = here("generate.py", "--diffusion_model", tmp_path / "evil.pth", "--device", "cpu", **ctx)
@@ -200,14 +200,14 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys, monkeypa
 
 def test_damaged_and_old_checkpoints(tmp_path, capsys, monkeypatch):
     ctx = dict(tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
-    good = {"format": "guidedemotion", "format_version": 2, "kind": "train_state", "w": torch.ones(1000)}
+    good = {"format": "guidedemotion", "format_version": 3, "kind": "train_state", "w": torch.ones(1000)}
     torch.save(good, tmp_path / "last.pth")
     data = (tmp_path / "last.pth").read_bytes()
     (tmp_path / "last.pth").write_bytes(data[:len(data) // 3])                   # truncated on disk
     assert_user_error(here("train.py", "--resume", "auto", "--output_dir", tmp_path, **ctx), "last.pth",
                       "corrupt or truncated")
     torch.save({**good, "format_version": 1}, tmp_path / "old.pth")              # written before the redesign
-    with pytest.raises(UserError, match="format version 1, this code reads version 2; retrain"):
+    with pytest.raises(UserError, match="format version 1, this code reads version 3; retrain"):
         load_checkpoint(str(tmp_path / "old.pth"))
     assert_user_error(here("generate.py", "--diffusion_model", "old.pth", "--device", "cpu", **ctx), "old.pth",
                       "format version 1", "retrain")

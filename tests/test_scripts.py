@@ -80,7 +80,7 @@ def test_checkpoints_hold_what_generate_needs_and_no_optimizer(toy_run):
     ckpts = {}
     for name, (kind, extra) in files.items():
         c = ckpts[name] = torch.load(out / name, weights_only=True)       # plain tensors and builtins only
-        assert c["kind"] == kind and c["format_version"] == 2, name
+        assert c["kind"] == kind and c["format_version"] == 3, name
         assert set(c) == meta | extra, (name, set(c) ^ (meta | extra))   # no optimizer, nothing unexpected
         assert c["dataset"] == "toyfaces" and c["attribute"] == "Smiling" and c["image_size"] == 16
         assert c["args"]["output_dir"] == str(out)
